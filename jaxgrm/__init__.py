@@ -1,0 +1,16 @@
+"""jaxgrm: generative relevance models trained with reinforcement learning, in pure JAX.
+
+Dimension glossary. Array names carry their shape in these letters (`logits_BTV`, `adv_BT`), and
+so do einsum strings and the `axes` of every weight:
+
+    B batch            T sequence          S cache (key) length
+    D model width      N query heads       K kv heads          H head dim
+    R query heads per kv head (N // K)     F MLP hidden        V vocabulary
+    G traces per prompt                    P reasoning steps
+"""
+
+from jaxgrm.model import Decoder, ModelConfig, create_model
+
+__version__ = "0.1.0"
+
+__all__ = ["Decoder", "ModelConfig", "create_model", "__version__"]

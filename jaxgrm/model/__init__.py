@@ -1,0 +1,34 @@
+"""The decoder, its configuration, sharding and checkpoint import/export."""
+
+from jaxgrm.model.config import PRESETS, DType, ModelConfig, RopeScaling
+from jaxgrm.model.decoder import (
+    Decoder,
+    LayerCache,
+    init_cache,
+    segment_mask,
+    segment_positions,
+)
+from jaxgrm.model.sharding import (
+    DEFAULT_RULES,
+    abstract_model,
+    create_model,
+    make_mesh,
+    state_shardings,
+)
+
+__all__ = [
+    "DEFAULT_RULES",
+    "PRESETS",
+    "DType",
+    "Decoder",
+    "LayerCache",
+    "ModelConfig",
+    "RopeScaling",
+    "abstract_model",
+    "create_model",
+    "init_cache",
+    "make_mesh",
+    "segment_mask",
+    "segment_positions",
+    "state_shardings",
+]

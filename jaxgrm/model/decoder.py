@@ -1,0 +1,256 @@
+"""Flax NNX decoder for the Llama / Qwen2 / Qwen3 family.
+
+RMSNorm, RoPE (with optional Llama-3 frequency scaling), grouped-query attention with an
+optional KV cache, SwiGLU MLP, optional QKV bias (Qwen2) and per-head QK-norm (Qwen3), tied or
+untied embeddings. Every weight carries `axes`, a tuple of glossary letters, from which
+`jaxgrm.model.sharding` derives its mesh sharding so parameters are born sharded.
+
+The attention mask is an explicit boolean `mask_BTS` (query t may attend key s), so one code path
+serves training (causal, segment-aware for packed rows), left-padded prefill and cached decode.
+The KV cache is a plain pytree passed in and returned, never module state, so the sampler can
+jit pure functions of (params, cache) and donate the cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from jaxgrm.model.config import ModelConfig, RopeScaling
+
+_NEG_INF = -0.7 * float(np.finfo(np.float32).max)
+
+
+@struct.dataclass
+class LayerCache:
+    """KV cache of one layer. k_BSKH, v_BSKH: [B, S, K, H] in the compute dtype."""
+
+    k_BSKH: jax.Array
+    v_BSKH: jax.Array
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> tuple[LayerCache, ...]:
+    """Zero KV cache for `batch` rows and `length` positions, one entry per layer."""
+    shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
+    zeros = jnp.zeros(shape, cfg.dtype.jnp)
+    return tuple(LayerCache(zeros, zeros) for _ in range(cfg.n_layers))
+
+
+# ---- masks ------------------------------------------------------------------------------------
+def segment_mask(segment_ids_BT: jax.Array) -> jax.Array:
+    """Causal mask within segments: [B, T, T] bool. Segment 0 marks padding (attends nothing).
+
+    Left- or right-padded rows use `valid.astype(int)`; packed rows use 1, 2, 3, ... per example,
+    so packed neighbours never attend to each other.
+    """
+    seg = segment_ids_BT
+    t = seg.shape[1]
+    causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
+    same = seg[:, :, None] == seg[:, None, :]
+    return causal[None] & same & (seg[:, None, :] != 0)
+
+
+# ---- RoPE -------------------------------------------------------------------------------------
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+    """Inverse frequencies [H/2] in float32, computed as the HF reference does."""
+    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim
+    inv_freq = (1.0 / (np.float32(theta) ** exponent)).astype(np.float32)
+    if scaling is None:
+        return inv_freq
+    old_len = scaling.original_max_position
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate the two halves of the head dimension (the Llama/Qwen convention)."""
+    angles = positions_BT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [B, T, H/2]
+    sin = jnp.sin(angles)[:, :, None, :]
+    cos = jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTNH.dtype)
+
+
+# ---- modules ----------------------------------------------------------------------------------
+def _param(rngs: nnx.Rngs, shape, axes, fan_in: int, dtype) -> nnx.Param:
+    init = nnx.initializers.normal(stddev=1.0 / math.sqrt(fan_in))
+    return nnx.Param(init(rngs.params(), shape, dtype), axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * scale, computed in float32. scale: [dim] with axis letter `axis`."""
+
+    def __init__(self, dim: int, *, eps: float, axis: str, param_dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=(axis,))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention: N query heads share K kv heads, R = N // K per group."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        pd = cfg.param_dtype.jnp
+        self.cfg = cfg
+        self.q_DNH = _param(rngs, (d, n, h), ("D", "N", "H"), d, pd)
+        self.k_DKH = _param(rngs, (d, k, h), ("D", "K", "H"), d, pd)
+        self.v_DKH = _param(rngs, (d, k, h), ("D", "K", "H"), d, pd)
+        self.o_NHD = _param(rngs, (n, h, d), ("N", "H", "D"), n * h, pd)
+        if cfg.qkv_bias:
+            self.q_bias_NH = nnx.Param(jnp.zeros((n, h), pd), axes=("N", "H"))
+            self.k_bias_KH = nnx.Param(jnp.zeros((k, h), pd), axes=("K", "H"))
+            self.v_bias_KH = nnx.Param(jnp.zeros((k, h), pd), axes=("K", "H"))
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(h, eps=cfg.norm_eps, axis="H", param_dtype=pd)
+            self.k_norm = RMSNorm(h, eps=cfg.norm_eps, axis="H", param_dtype=pd)
+
+    def __call__(self, x_BTD, positions_BT, mask_BTS, cache: LayerCache | None, cache_index):
+        cfg = self.cfg
+        dt = cfg.dtype.jnp
+        q = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q_DNH[...].astype(dt))
+        k = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.k_DKH[...].astype(dt))
+        v = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.v_DKH[...].astype(dt))
+        if cfg.qkv_bias:
+            q = q + self.q_bias_NH[...].astype(dt)
+            k = k + self.k_bias_KH[...].astype(dt)
+            v = v + self.v_bias_KH[...].astype(dt)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        q = apply_rope(q, positions_BT, inv_freq)
+        k = apply_rope(k, positions_BT, inv_freq)
+
+        if cache is not None:
+            start = (0, cache_index, 0, 0)
+            cache = LayerCache(
+                jax.lax.dynamic_update_slice(cache.k_BSKH, k.astype(cache.k_BSKH.dtype), start),
+                jax.lax.dynamic_update_slice(cache.v_BSKH, v.astype(cache.v_BSKH.dtype), start),
+            )
+            k, v = cache.k_BSKH.astype(dt), cache.v_BSKH.astype(dt)
+
+        b, t, n, h = q.shape
+        kv = cfg.n_kv_heads
+        q = q.reshape(b, t, kv, n // kv, h)
+        scores = jnp.einsum("BTKRH,BSKH->BKRTS", q, k, preferred_element_type=jnp.float32)
+        scores = scores * (h**-0.5)
+        scores = jnp.where(mask_BTS[:, None, None, :, :], scores, _NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("BKRTS,BSKH->BTKRH", probs, v).reshape(b, t, n, h)
+        y = jnp.einsum("BTNH,NHD->BTD", out, self.o_NHD[...].astype(dt))
+        return y, cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, f, pd = cfg.d_model, cfg.mlp_dim, cfg.param_dtype.jnp
+        self.dtype = cfg.dtype.jnp
+        self.gate_DF = _param(rngs, (d, f), ("D", "F"), d, pd)
+        self.up_DF = _param(rngs, (d, f), ("D", "F"), d, pd)
+        self.down_FD = _param(rngs, (f, d), ("F", "D"), f, pd)
+
+    def __call__(self, x_BTD):
+        dt = self.dtype
+        gate = jnp.einsum("BTD,DF->BTF", x_BTD, self.gate_DF[...].astype(dt))
+        up = jnp.einsum("BTD,DF->BTF", x_BTD, self.up_DF[...].astype(dt))
+        return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, self.down_FD[...].astype(dt))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pd = cfg.param_dtype.jnp
+        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, axis="D", param_dtype=pd)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, axis="D", param_dtype=pd)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x_BTD, positions_BT, mask_BTS, cache, cache_index):
+        y, cache = self.attn(self.attn_norm(x_BTD), positions_BT, mask_BTS, cache, cache_index)
+        x_BTD = x_BTD + y
+        return x_BTD + self.mlp(self.mlp_norm(x_BTD)), cache
+
+
+class Decoder(nnx.Module):
+    """The decoder. `__call__` returns final hidden states; `logits` projects them to V.
+
+    Keeping the two apart lets callers project only what they need (the last prompt position in
+    prefill, response positions in a loss) and chunk the vocabulary projection.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pd = cfg.param_dtype.jnp
+        self.embed_VD = _param(rngs, (cfg.vocab_size, cfg.d_model), ("V", "D"), cfg.d_model, pd)
+        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, axis="D", param_dtype=pd)
+        if not cfg.tie_embeddings:
+            shape = (cfg.d_model, cfg.vocab_size)
+            self.lm_head_DV = _param(rngs, shape, ("D", "V"), cfg.d_model, pd)
+
+    def __call__(
+        self,
+        tokens_BT: jax.Array,
+        positions_BT: jax.Array,
+        mask_BTS: jax.Array,
+        cache: tuple[LayerCache, ...] | None = None,
+        cache_index: jax.Array | int = 0,
+    ) -> tuple[jax.Array, tuple[LayerCache, ...] | None]:
+        """tokens_BT, positions_BT: [B, T] int; mask_BTS: [B, T, S] bool, where S = T without a
+        cache and S = cache length with one (new keys are written at `cache_index`).
+        Returns (hidden_BTD in the compute dtype, updated cache or None)."""
+        x = self.embed_VD[...].astype(self.cfg.dtype.jnp)[tokens_BT]
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else cache[i]
+            x, c = layer(x, positions_BT, mask_BTS, layer_cache, cache_index)
+            new_cache.append(c)
+        return self.final_norm(x), (None if cache is None else tuple(new_cache))
+
+    def logits(self, hidden_BTD: jax.Array) -> jax.Array:
+        """Float32 logits [B, T, V] (or [..., V] for any leading shape)."""
+        if self.cfg.tie_embeddings:
+            w = self.embed_VD[...].astype(hidden_BTD.dtype)
+            return jnp.einsum("...D,VD->...V", hidden_BTD, w, preferred_element_type=jnp.float32)
+        w = self.lm_head_DV[...].astype(hidden_BTD.dtype)
+        return jnp.einsum("...D,DV->...V", hidden_BTD, w, preferred_element_type=jnp.float32)
+
+    def forward(self, tokens_BT: jax.Array, segment_ids_BT: jax.Array | None = None) -> jax.Array:
+        """Full-sequence logits [B, T, V] without a cache: causal within segments.
+
+        `segment_ids_BT` defaults to all ones; pass `valid.astype(int)` for padded rows or
+        1, 2, ... for packed rows. Positions restart at 0 in each segment.
+        """
+        if segment_ids_BT is None:
+            segment_ids_BT = jnp.ones(tokens_BT.shape, jnp.int32)
+        positions = segment_positions(segment_ids_BT)
+        hidden, _ = self(tokens_BT, positions, segment_mask(segment_ids_BT))
+        return self.logits(hidden)
+
+
+def segment_positions(segment_ids_BT: jax.Array) -> jax.Array:
+    """Positions counted from each segment's first token; padding (segment 0) gets 0."""
+    t = segment_ids_BT.shape[1]
+    idx = jnp.arange(t)[None, :]
+    changed = segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]
+    starts = jnp.concatenate([jnp.ones_like(changed[:, :1]), changed], axis=1)
+    start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return jnp.where(segment_ids_BT != 0, idx - start_idx, 0)

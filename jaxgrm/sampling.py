@@ -1,0 +1,279 @@
+"""Batched sampling with a KV cache: one jitted prefill plus a jitted `lax.while_loop` decode.
+
+Prompts are left-padded to a bucket length L, so every row's last prompt token sits at L - 1 and
+all rows write the cache at the same index. The cache holds S = L + M slots (M new tokens); a
+boolean `valid_BS` says which slots a row may attend to (its real prompt tokens and what it has
+generated), which also makes decode causal without a separate mask.
+
+Weights are an argument of both jitted functions, never closed over, so an RL learner can hand in
+new policy weights without a recompile. The decode function donates its state, the KV cache
+included, so XLA updates the cache in place.
+
+Returned log-probabilities are those of the model itself (temperature 1, no top-k/top-p
+filtering), i.e. log pi_theta(token | prefix), which is what a policy-gradient ratio needs and
+what a teacher-forced forward pass reproduces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from jaxgrm.model.decoder import Decoder, LayerCache, init_cache, segment_mask, segment_positions
+
+DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample. Changing any field compiles new functions; changing weights does not.
+
+    temperature 0 means greedy. top_k 0 and top_p 1.0 disable those filters. `stop_ids` end a row
+    (EOS, the closing answer tag); the stop token is kept and counted in the completion mask.
+    `num_samples` is G, the number of traces drawn per prompt.
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    num_samples: int = 1
+    stop_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+    prompt_buckets: tuple[int, ...] = DEFAULT_BUCKETS
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        if not self.prompt_buckets or sorted(self.prompt_buckets) != list(self.prompt_buckets):
+            raise ValueError(f"prompt_buckets must be sorted and non-empty: {self.prompt_buckets}")
+        object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+
+    def bucket(self, prompt_len: int) -> int:
+        """The padded prompt length for a longest prompt of `prompt_len` tokens."""
+        for b in self.prompt_buckets:
+            if prompt_len <= b:
+                return b
+        step = self.prompt_buckets[-1]
+        return -(-prompt_len // step) * step
+
+
+@struct.dataclass
+class SamplingState:
+    """Decode-loop carry. B rows (prompts x G), S cache slots, M new tokens.
+
+    step: [] int32, tokens generated so far.   cache: per-layer LayerCache, [B, S, K, H].
+    logits_BV: [B, V] float32 logits for the next token.   valid_BS: [B, S] bool attendable slots.
+    positions_B: [B] int32 position of the next token.   done_B: [B] bool, row has stopped.
+    tokens_BM: [B, M] int32.   logprobs_BM: [B, M] float32.   mask_BM: [B, M] bool.
+    key: PRNG key for the remaining steps.
+    """
+
+    step: jax.Array
+    cache: tuple[LayerCache, ...]
+    logits_BV: jax.Array
+    valid_BS: jax.Array
+    positions_B: jax.Array
+    done_B: jax.Array
+    tokens_BM: jax.Array
+    logprobs_BM: jax.Array
+    mask_BM: jax.Array
+    key: jax.Array
+
+
+@struct.dataclass
+class SampleOutput:
+    """Completions for B = num_prompts * G rows, prompt-major (row = prompt * G + sample).
+
+    tokens_BM: [B, M] int32, pad after a stop.   logprobs_BM: [B, M] float32 log pi(token),
+    0 where masked.   mask_BM: [B, M] bool, True for generated tokens up to and including the
+    stop token.   prompt_tokens_BL / prompt_mask_BL: the left-padded prompts, [B, L].
+    """
+
+    tokens_BM: jax.Array
+    logprobs_BM: jax.Array
+    mask_BM: jax.Array
+    prompt_tokens_BL: jax.Array
+    prompt_mask_BL: jax.Array
+
+    @property
+    def lengths_B(self) -> jax.Array:
+        return self.mask_BM.sum(axis=1)
+
+
+def filter_logits(logits_BV: jax.Array, top_k: int, top_p: float) -> jax.Array:
+    """Set logits outside the top-k and outside the top-p nucleus to -inf (static k, p)."""
+    neg = jnp.finfo(logits_BV.dtype).min
+    if top_k:
+        kth = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV < kth, neg, logits_BV)
+    if top_p < 1.0:
+        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_BV, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
+        cutoff = jnp.min(jnp.where(before < top_p, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+        logits_BV = jnp.where(logits_BV < cutoff, neg, logits_BV)
+    return logits_BV
+
+
+def choose_tokens(logits_BV: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.Array:
+    """Next tokens [B] from float32 logits by the rule in `cfg`."""
+    if cfg.temperature == 0.0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    filtered = filter_logits(logits_BV / cfg.temperature, cfg.top_k, cfg.top_p)
+    return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+
+
+def gather_logprobs(logits_BTV: jax.Array, tokens_BT: jax.Array) -> jax.Array:
+    """log softmax(logits)[token] for each position: [B, T] float32."""
+    logz = jax.nn.logsumexp(logits_BTV.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logits_BTV, tokens_BT[..., None], axis=-1)[..., 0]
+    return picked.astype(jnp.float32) - logz
+
+
+class Sampler:
+    """Draw completions from a `Decoder` given its parameters.
+
+        sampler = Sampler(model, SamplingConfig(max_new_tokens=64, top_k=50, num_samples=8))
+        out = sampler(nnx.state(model), prompts, jax.random.key(0))
+
+    `params` may be any state of the same structure (new RL weights): compiled functions are
+    reused. `num_compiles` counts traces of the prefill and decode functions.
+    """
+
+    def __init__(self, model: Decoder, config: SamplingConfig):
+        self.graphdef, _ = nnx.split(model)
+        self.model_cfg = model.cfg
+        self.config = config
+        self.num_compiles = 0
+        self._prefill = jax.jit(self._prefill_impl)
+        self._decode = jax.jit(self._decode_impl, donate_argnums=(1,))
+
+    # -- host side --------------------------------------------------------------------------
+    def pad_prompts(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Left-pad and repeat each prompt G times: tokens and mask [B, L] as numpy.
+
+        L is the prompt bucket; B is the number of rows (prompts x G) rounded up to a power of
+        two, so a run with varying prompt counts compiles O(log B) times. Filler rows have an
+        all-False mask; they start finished and are dropped from the output.
+        """
+        if not prompts:
+            raise ValueError("no prompts to sample from")
+        lengths = [len(p) for p in prompts]
+        if min(lengths) == 0:
+            raise ValueError(f"prompt {lengths.index(0)} is empty; every prompt needs a token")
+        cfg = self.config
+        bucket = cfg.bucket(max(lengths))
+        total = bucket + cfg.max_new_tokens
+        if total > self.model_cfg.max_seq_len:
+            raise ValueError(
+                f"prompt bucket {bucket} + max_new_tokens {cfg.max_new_tokens} = {total} exceeds "
+                f"the model's max_seq_len {self.model_cfg.max_seq_len}"
+            )
+        g = cfg.num_samples
+        rows = 1 << (len(prompts) * g - 1).bit_length()
+        tokens = np.full((rows, bucket), cfg.pad_id, np.int32)
+        mask = np.zeros((rows, bucket), bool)
+        for i, p in enumerate(prompts):
+            sl = slice(i * g, (i + 1) * g)
+            tokens[sl, bucket - len(p) :] = np.asarray(p, np.int32)
+            mask[sl, bucket - len(p) :] = True
+        return tokens, mask
+
+    def __call__(self, params: nnx.State, prompts: Sequence[Sequence[int]], key) -> SampleOutput:
+        tokens, mask = self.pad_prompts(prompts)
+        state = self._prefill(params, jnp.asarray(tokens), jnp.asarray(mask), key)
+        state = self._decode(params, state)
+        n = len(prompts) * self.config.num_samples
+        return SampleOutput(
+            tokens_BM=state.tokens_BM[:n],
+            logprobs_BM=state.logprobs_BM[:n],
+            mask_BM=state.mask_BM[:n],
+            prompt_tokens_BL=jnp.asarray(tokens[:n]),
+            prompt_mask_BL=jnp.asarray(mask[:n]),
+        )
+
+    # -- traced -----------------------------------------------------------------------------
+    def _prefill_impl(self, params, tokens_BL, mask_BL, key) -> SamplingState:
+        self.num_compiles += 1
+        model = nnx.merge(self.graphdef, params)
+        cfg = self.config
+        b, length = tokens_BL.shape
+        m = cfg.max_new_tokens
+        s = length + m
+        valid_BS = jnp.pad(mask_BL, ((0, 0), (0, m)))
+        mask_BLS = jnp.pad(segment_mask(mask_BL.astype(jnp.int32)), ((0, 0), (0, 0), (0, m)))
+        positions = segment_positions(mask_BL.astype(jnp.int32))
+        cache = init_cache(self.model_cfg, b, s)
+        hidden, cache = model(tokens_BL, positions, mask_BLS, cache, 0)
+        filler_B = ~mask_BL[:, -1]  # real rows always end in a prompt token
+        return SamplingState(
+            step=jnp.zeros((), jnp.int32),
+            cache=cache,
+            logits_BV=model.logits(hidden[:, -1]),
+            valid_BS=valid_BS,
+            positions_B=mask_BL.sum(axis=1).astype(jnp.int32),
+            done_B=filler_B,
+            tokens_BM=jnp.full((b, m), cfg.pad_id, jnp.int32),
+            logprobs_BM=jnp.zeros((b, m), jnp.float32),
+            mask_BM=jnp.zeros((b, m), bool),
+            key=key,
+        )
+
+    def _decode_impl(self, params, state: SamplingState) -> SamplingState:
+        self.num_compiles += 1
+        model = nnx.merge(self.graphdef, params)
+        cfg = self.config
+        m = cfg.max_new_tokens
+        prompt_len = state.valid_BS.shape[1] - m
+        stop_ids = jnp.asarray(cfg.stop_ids or (-1,), jnp.int32)
+
+        def cond(st: SamplingState):
+            return (st.step < m) & ~jnp.all(st.done_B)
+
+        def body(st: SamplingState) -> SamplingState:
+            key, sub = jax.random.split(st.key)
+            tok = choose_tokens(st.logits_BV, sub, cfg)
+            live = ~st.done_B
+            logp = gather_logprobs(st.logits_BV[:, None], tok[:, None])[:, 0]
+            tok = jnp.where(live, tok, cfg.pad_id)
+            col = (0, st.step)
+            tokens_BM = jax.lax.dynamic_update_slice(st.tokens_BM, tok[:, None], col)
+            logprobs_BM = jax.lax.dynamic_update_slice(
+                st.logprobs_BM, jnp.where(live, logp, 0.0)[:, None], col
+            )
+            mask_BM = jax.lax.dynamic_update_slice(st.mask_BM, live[:, None], col)
+            done_B = st.done_B | jnp.isin(tok, stop_ids)
+            # Feed the new token: it occupies cache slot prompt_len + step.
+            slot = prompt_len + st.step
+            valid_BS = jax.lax.dynamic_update_slice(st.valid_BS, live[:, None], (0, slot))
+            hidden, cache = model(
+                tok[:, None], st.positions_B[:, None], valid_BS[:, None, :], st.cache, slot
+            )
+            return SamplingState(
+                step=st.step + 1,
+                cache=cache,
+                logits_BV=model.logits(hidden[:, 0]),
+                valid_BS=valid_BS,
+                positions_B=st.positions_B + 1,
+                done_B=done_B,
+                tokens_BM=tokens_BM,
+                logprobs_BM=logprobs_BM,
+                mask_BM=mask_BM,
+                key=key,
+            )
+
+        return jax.lax.while_loop(cond, body, state)

@@ -1,0 +1,176 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxgrm.model import (
+    PRESETS,
+    ModelConfig,
+    abstract_model,
+    create_model,
+    init_cache,
+    segment_mask,
+    segment_positions,
+)
+
+
+def _tokens(key, b, t, v):
+    return jax.random.randint(jax.random.key(key), (b, t), 0, v)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return create_model(ModelConfig.tiny(qkv_bias=True, qk_norm=True, tie_embeddings=False))
+
+
+def test_tiny_is_about_one_million_params():
+    cfg = ModelConfig.tiny()
+    n = sum(x.size for x in jax.tree.leaves(nnx.state(abstract_model(cfg))))
+    assert n == cfg.num_params()
+    assert 0.5e6 < n < 1.5e6
+    assert 10e6 <= ModelConfig.small().num_params() <= 20e6
+
+
+# Published parameter counts of the open checkpoints (tied embeddings counted once).
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("qwen2.5-0.5b", 494_032_768),
+        ("qwen2.5-1.5b", 1_543_714_304),
+        ("qwen3-0.6b", 596_049_920),
+        ("llama3.2-1b", 1_235_814_400),
+    ],
+)
+def test_presets_by_shape(name, expected):
+    cfg = PRESETS[name]()
+    state = nnx.state(abstract_model(cfg))
+    n = sum(x.size for x in jax.tree.leaves(state))
+    assert n == expected == cfg.num_params()
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state))
+    q = state["layers"][0]["attn"]["q_DNH"].get_value()
+    assert q.shape == (cfg.d_model, cfg.n_heads, cfg.head_dim)
+
+
+def test_causality(tiny):
+    tok = _tokens(0, 2, 12, tiny.cfg.vocab_size)
+    changed = tok.at[:, 7].set((tok[:, 7] + 1) % tiny.cfg.vocab_size)
+    a, b = tiny.forward(tok), tiny.forward(changed)
+    np.testing.assert_array_equal(a[:, :7], b[:, :7])
+    assert not np.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_jit_equals_eager(tiny):
+    tok = _tokens(1, 2, 10, tiny.cfg.vocab_size)
+    graphdef, state = nnx.split(tiny)
+
+    @jax.jit
+    def f(state, tok):
+        return nnx.merge(graphdef, state).forward(tok)
+
+    np.testing.assert_allclose(f(state, tok), tiny.forward(tok), atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_close_to_fp32():
+    cfg = ModelConfig.tiny()
+    m32 = create_model(cfg)
+    m16 = create_model(cfg.replace(param_dtype="bfloat16", dtype="bfloat16"))
+    # Same weights, rounded to bf16, so only the arithmetic differs.
+    state16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), nnx.state(m32))
+    nnx.update(m16, state16)
+    assert nnx.state(m16)["embed_VD"].get_value().dtype == jnp.bfloat16
+    tok = _tokens(2, 2, 16, cfg.vocab_size)
+    p32 = jax.nn.softmax(m32.forward(tok))
+    p16 = jax.nn.softmax(m16.forward(tok))
+    assert float(jnp.abs(p32 - p16).sum(-1).max()) < 0.1  # total variation per position
+    agree = jnp.mean(p32.argmax(-1) == p16.argmax(-1))
+    assert agree > 0.9
+
+
+def test_padding_and_packing_isolate_segments(tiny):
+    v = tiny.cfg.vocab_size
+    a, b = _tokens(3, 1, 5, v), _tokens(4, 1, 4, v)
+    packed = jnp.concatenate([a, b, jnp.zeros((1, 3), jnp.int32)], axis=1)
+    seg = jnp.array([[1] * 5 + [2] * 4 + [0] * 3])
+    out = tiny.forward(packed, seg)
+    np.testing.assert_allclose(out[:, :5], tiny.forward(a), atol=1e-5)
+    np.testing.assert_allclose(out[:, 5:9], tiny.forward(b), atol=1e-5)
+    np.testing.assert_array_equal(segment_positions(seg)[0], [0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 0, 0])
+    left = jnp.concatenate([jnp.zeros((1, 2), jnp.int32), b], axis=1)
+    out = tiny.forward(left, jnp.array([[0, 0, 1, 1, 1, 1]]))
+    np.testing.assert_allclose(out[:, 2:], tiny.forward(b), atol=1e-5)
+
+
+def test_kv_cache_decode_equals_full_forward(tiny):
+    cfg = tiny.cfg
+    tok = _tokens(5, 2, 11, cfg.vocab_size)
+    full = tiny.forward(tok)
+    prefix, s = 6, 16
+    cache = init_cache(cfg, 2, s)
+    valid = jnp.zeros((2, s), bool).at[:, :prefix].set(True)
+    mask = segment_mask(jnp.ones((2, prefix), jnp.int32))
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, s - prefix)))
+    pos = jnp.broadcast_to(jnp.arange(prefix), (2, prefix))
+    hidden, cache = tiny(tok[:, :prefix], pos, mask, cache, 0)
+    np.testing.assert_allclose(tiny.logits(hidden), full[:, :prefix], atol=1e-5)
+    for t in range(prefix, 11):
+        valid = valid.at[:, t].set(True)
+        pos = jnp.full((2, 1), t)
+        hidden, cache = tiny(tok[:, t : t + 1], pos, valid[:, None, :], cache, t)
+        np.testing.assert_allclose(tiny.logits(hidden)[:, 0], full[:, t], atol=1e-5)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="multiple of n_kv_heads"):
+        ModelConfig.tiny(n_heads=4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="unknown model preset"):
+        ModelConfig.preset("gpt5")
+    with pytest.raises(ValueError):
+        ModelConfig.tiny(param_dtype="float8")
+
+
+def test_params_born_sharded_on_2x2_mesh(run_in_subprocess):
+    out = run_in_subprocess(
+        """
+        import jax, numpy as np
+        from flax import nnx
+        from jax.sharding import PartitionSpec as P
+        from jaxgrm.model import ModelConfig, create_model, make_mesh
+        mesh = make_mesh((2, 2), ("fsdp", "tensor"))
+        cfg = ModelConfig.tiny(qkv_bias=True, tie_embeddings=False)
+        m = create_model(cfg, mesh=mesh)
+        st = nnx.state(m)
+        def spec(x):
+            return x.get_value().sharding.spec
+        layer = st["layers"][0]
+        assert spec(st["embed_VD"]) == P("tensor", "fsdp"), spec(st["embed_VD"])
+        assert spec(st["lm_head_DV"]) == P("fsdp", "tensor")
+        assert spec(layer["attn"]["q_DNH"]) == P("fsdp", "tensor", None)
+        assert spec(layer["attn"]["k_DKH"]) == P("fsdp", "tensor", None)
+        assert spec(layer["attn"]["o_NHD"]) == P("tensor", None, "fsdp")
+        assert spec(layer["attn"]["q_bias_NH"]) == P("tensor", None)
+        assert spec(layer["mlp"]["down_FD"]) == P("tensor", "fsdp")
+        assert spec(layer["attn_norm"]["scale"]) == P("fsdp")
+        q = layer["attn"]["q_DNH"].get_value()
+        assert len(q.addressable_shards) == 4
+        assert q.addressable_shards[0].data.shape == (64, 2, 32)
+        # Same values as an unsharded model with the same seed (jit vs eager init: last-ulp noise).
+        ref = nnx.state(create_model(cfg))["layers"][0]["attn"]["q_DNH"].get_value()
+        np.testing.assert_allclose(np.asarray(q), np.asarray(ref), atol=1e-6)
+        tok = np.arange(12).reshape(2, 6) % cfg.vocab_size
+        np.testing.assert_allclose(m.forward(tok), create_model(cfg).forward(tok), atol=1e-5)
+        print("ok")
+        """,
+        devices=4,
+    )
+    assert "ok" in out
+
+
+def test_partition_spec_falls_back_to_replication():
+    from jaxgrm.model.sharding import partition_spec
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("fsdp", "tensor"))
+    spec = partition_spec(("D", "K", "H"), (128, 2, 32), mesh, {"D": "fsdp", "K": "tensor"})
+    assert spec == jax.sharding.PartitionSpec(None, None, None)  # axes of size 1
+    with pytest.raises(ValueError, match="do not match shape"):
+        partition_spec(("D",), (3, 4), mesh, {})

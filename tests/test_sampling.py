@@ -1,0 +1,147 @@
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxgrm.model import ModelConfig, create_model
+from jaxgrm.sampling import Sampler, SamplingConfig, filter_logits, gather_logprobs
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return create_model(ModelConfig.tiny(vocab_size=64, qkv_bias=True), seed=3)
+
+
+@pytest.fixture(scope="module")
+def params(model):
+    return nnx.state(model)
+
+
+@pytest.fixture(scope="module")
+def forward(model):
+    graphdef = nnx.graphdef(model)
+    return jax.jit(lambda p, tok, seg: nnx.merge(graphdef, p).forward(tok, seg))
+
+
+def teacher_forced(forward, params, out):
+    """log pi of each generated token from one full forward over prompt + completion."""
+    tokens = jnp.concatenate([out.prompt_tokens_BL, out.tokens_BM], axis=1)
+    seg = jnp.concatenate([out.prompt_mask_BL, out.mask_BM], axis=1).astype(jnp.int32)
+    logits = forward(params, tokens, seg)
+    prompt_len = out.prompt_tokens_BL.shape[1]
+    return gather_logprobs(logits[:, prompt_len - 1 : -1], out.tokens_BM), logits
+
+
+def test_logprobs_equal_teacher_forced(model, params, forward):
+    cfg = SamplingConfig(max_new_tokens=12, num_samples=2, top_k=20, top_p=0.9, temperature=0.8)
+    out = Sampler(model, cfg)(params, PROMPTS, jax.random.key(0))
+    assert out.tokens_BM.shape == (6, 12)
+    lp, _ = teacher_forced(forward, params, out)
+    np.testing.assert_allclose(np.where(out.mask_BM, lp, 0.0), out.logprobs_BM, atol=2e-5)
+
+
+def test_greedy_follows_full_forward_argmax(model, params, forward):
+    """Each greedy token is the argmax of a cache-free forward: cached decode = full forward."""
+    out = Sampler(model, SamplingConfig(max_new_tokens=10, temperature=0.0))(
+        params, PROMPTS, jax.random.key(0)
+    )
+    _, logits = teacher_forced(forward, params, out)
+    prompt_len = out.prompt_tokens_BL.shape[1]
+    np.testing.assert_array_equal(out.tokens_BM, logits[:, prompt_len - 1 : -1].argmax(-1))
+
+
+def test_rows_stop_independently(model, params):
+    base = SamplingConfig(max_new_tokens=16, temperature=0.0)
+    free = Sampler(model, base)(params, PROMPTS, jax.random.key(0)).tokens_BM
+    row1 = np.asarray(free[1]).tolist()
+    # A token that row 1 emits for the first time at some step t >= 2 under greedy decoding.
+    t = next(i for i in range(2, 16) if row1[i] not in row1[:i])
+    stop = row1[t]
+    first = [int(np.argmax(np.asarray(r) == stop)) if stop in r else None for r in free.tolist()]
+    out = Sampler(model, dataclasses.replace(base, stop_ids=(stop,), pad_id=0))(
+        params, PROMPTS, jax.random.key(0)
+    )
+    for row, f in enumerate(first):
+        mask = np.asarray(out.mask_BM[row])
+        if f is None:
+            assert mask.all()
+            np.testing.assert_array_equal(out.tokens_BM[row], free[row])
+        else:
+            assert mask[: f + 1].all() and not mask[f + 1 :].any()
+            np.testing.assert_array_equal(out.tokens_BM[row, : f + 1], free[row, : f + 1])
+            assert (np.asarray(out.tokens_BM[row, f + 1 :]) == 0).all()
+            assert (np.asarray(out.logprobs_BM[row, f + 1 :]) == 0).all()
+    assert first[1] == t
+    assert len(set(first)) > 1  # rows really stopped at different steps (or not at all)
+
+
+def test_exits_early_when_all_rows_stop(model, params):
+    free = Sampler(model, SamplingConfig(max_new_tokens=8, temperature=0.0))(
+        params, [[5, 6, 7]], jax.random.key(0)
+    )
+    stop = int(free.tokens_BM[0, 2])
+    sampler = Sampler(model, SamplingConfig(max_new_tokens=64, temperature=0.0, stop_ids=(stop,)))
+    tokens, mask = sampler.pad_prompts([[5, 6, 7]])
+    state = sampler._prefill(params, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(0))
+    state = sampler._decode(params, state)
+    first = int(np.argmax(np.asarray(free.tokens_BM[0]) == stop))
+    assert int(state.step) == first + 1  # the loop ran no further than the stop
+
+
+def test_same_key_same_output_and_samples_differ(model, params):
+    sampler = Sampler(model, SamplingConfig(max_new_tokens=10, num_samples=4))
+    a = sampler(params, PROMPTS, jax.random.key(7))
+    b = sampler(params, PROMPTS, jax.random.key(7))
+    c = sampler(params, PROMPTS, jax.random.key(8))
+    np.testing.assert_array_equal(a.tokens_BM, b.tokens_BM)
+    np.testing.assert_array_equal(a.logprobs_BM, b.logprobs_BM)
+    assert not np.array_equal(a.tokens_BM, c.tokens_BM)
+    # G samples of one prompt are not copies of each other.
+    assert len({tuple(r) for r in np.asarray(a.tokens_BM[:4]).tolist()}) > 1
+
+
+def test_new_weights_do_not_recompile(model, params):
+    sampler = Sampler(model, SamplingConfig(max_new_tokens=6))
+    sampler(params, PROMPTS, jax.random.key(0))
+    assert sampler.num_compiles == 2  # prefill + decode
+    other = nnx.state(create_model(model.cfg, seed=11))
+    out_a = sampler(params, PROMPTS, jax.random.key(0))
+    out_b = sampler(other, PROMPTS, jax.random.key(0))
+    assert sampler.num_compiles == 2
+    assert not np.array_equal(out_a.logprobs_BM, out_b.logprobs_BM)
+    # Other prompt lengths inside the same bucket, and prompt counts that round up to the same
+    # power of two (3 -> 4 rows), reuse the compiled functions.
+    out = sampler(params, [[1, 2, 3], [4] * 20, [5] * 9, [6]], jax.random.key(1))
+    assert sampler.num_compiles == 2 and out.tokens_BM.shape == (4, 6)
+    out = sampler(params, [[1, 2, 3]] * 5, jax.random.key(1))  # 8 rows: one new shape
+    assert sampler.num_compiles == 4 and out.tokens_BM.shape == (5, 6)
+
+
+def test_top_k_and_top_p_filters():
+    logits = jnp.log(jnp.array([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    top2 = filter_logits(logits, 2, 1.0)
+    assert np.isfinite(np.asarray(top2)).sum() == 5  # finite minimum, not inf
+    assert (np.asarray(top2) > -1e30).sum() == 2
+    nucleus = filter_logits(logits, 0, 0.8)  # 0.5 + 0.2 < 0.8, so three tokens are needed
+    assert (np.asarray(nucleus) > -1e30).sum() == 3
+    keys = jax.random.split(jax.random.key(0), 2000)
+    from jaxgrm.sampling import choose_tokens
+
+    cfg = SamplingConfig(top_k=3)
+    draws = jax.vmap(lambda k: choose_tokens(logits, k, cfg))(keys)
+    assert set(np.unique(np.asarray(draws)).tolist()) == {0, 1, 2}
+
+
+def test_bad_prompts(model):
+    sampler = Sampler(model, SamplingConfig(max_new_tokens=4))
+    with pytest.raises(ValueError, match="empty"):
+        sampler.pad_prompts([[1, 2], []])
+    with pytest.raises(ValueError, match="max_seq_len"):
+        Sampler(model, SamplingConfig(max_new_tokens=1000)).pad_prompts([[1] * 100])
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingConfig(top_p=0.0)
