@@ -7,7 +7,13 @@ import pytest
 from flax import nnx
 
 from jaxgrm.model import ModelConfig, create_model
-from jaxgrm.sampling import Sampler, SamplingConfig, filter_logits, gather_logprobs
+from jaxgrm.sampling import (
+    Sampler,
+    SamplingConfig,
+    choose_tokens,
+    gather_logprobs,
+    sampling_weights,
+)
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
 
@@ -122,19 +128,34 @@ def test_new_weights_do_not_recompile(model, params):
     assert sampler.num_compiles == 4 and out.tokens_BM.shape == (5, 6)
 
 
-def test_top_k_and_top_p_filters():
-    logits = jnp.log(jnp.array([[0.5, 0.2, 0.15, 0.1, 0.05]]))
-    top2 = filter_logits(logits, 2, 1.0)
-    assert np.isfinite(np.asarray(top2)).sum() == 5  # finite minimum, not inf
-    assert (np.asarray(top2) > -1e30).sum() == 2
-    nucleus = filter_logits(logits, 0, 0.8)  # 0.5 + 0.2 < 0.8, so three tokens are needed
-    assert (np.asarray(nucleus) > -1e30).sum() == 3
-    keys = jax.random.split(jax.random.key(0), 2000)
-    from jaxgrm.sampling import choose_tokens
+def test_top_k_and_top_p_weights():
+    probs = jnp.array([[0.05, 0.5, 0.1, 0.2, 0.15]])
+    logits = jnp.log(probs)
+    keep = lambda **kw: np.asarray(sampling_weights(logits, SamplingConfig(**kw))[0] > 0)  # noqa: E731
+    np.testing.assert_array_equal(keep(top_k=2), [0, 1, 0, 1, 0])
+    # 0.5 + 0.2 < 0.8, so the nucleus needs the third most likely token (0.15) too.
+    np.testing.assert_array_equal(keep(top_p=0.8), [0, 1, 0, 1, 1])
+    np.testing.assert_array_equal(keep(top_p=0.7), [0, 1, 0, 1, 0])
+    np.testing.assert_array_equal(keep(top_p=0.4), [0, 1, 0, 0, 0])
+    np.testing.assert_array_equal(keep(top_k=2, top_p=0.5), [0, 1, 0, 0, 0])
+    w = sampling_weights(logits, SamplingConfig(top_k=3, temperature=1.0))[0]
+    np.testing.assert_allclose(w / w.sum(), np.array([0, 0.5, 0, 0.2, 0.15]) / 0.85, rtol=1e-6)
 
+
+def test_top_k_exact_on_random_logits():
+    logits = jax.random.normal(jax.random.key(0), (64, 4096)) * 3
+    for k in (1, 7, 50, 4095):
+        kept = np.asarray(sampling_weights(logits, SamplingConfig(top_k=k)) > 0).sum(-1)
+        np.testing.assert_array_equal(kept, k)
+
+
+def test_sampled_frequencies_match_filtered_distribution():
+    logits = jnp.log(jnp.array([[0.4, 0.3, 0.2, 0.1]]))
+    keys = jax.random.split(jax.random.key(0), 20_000)
     cfg = SamplingConfig(top_k=3)
-    draws = jax.vmap(lambda k: choose_tokens(logits, k, cfg))(keys)
-    assert set(np.unique(np.asarray(draws)).tolist()) == {0, 1, 2}
+    draw = jax.jit(jax.vmap(lambda k: choose_tokens(logits, k, cfg)))
+    freq = np.bincount(np.asarray(draw(keys)).ravel(), minlength=4) / len(keys)
+    np.testing.assert_allclose(freq, [4 / 9, 3 / 9, 2 / 9, 0.0], atol=0.015)
 
 
 def test_bad_prompts(model):
