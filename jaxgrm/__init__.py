@@ -9,8 +9,32 @@ so do einsum strings and the `axes` of every weight:
     G traces per prompt                    P reasoning steps
 """
 
-from jaxgrm.model import Decoder, ModelConfig, create_model
+from jaxgrm.model import (
+    Decoder,
+    ModelConfig,
+    create_model,
+    load_hf_checkpoint,
+    make_mesh,
+    save_hf_checkpoint,
+)
+from jaxgrm.sampling import SampleOutput, Sampler, SamplingConfig
+from jaxgrm.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["Decoder", "ModelConfig", "create_model", "__version__"]
+__all__ = [
+    "Decoder",
+    "HFTokenizer",
+    "ModelConfig",
+    "SampleOutput",
+    "Sampler",
+    "SamplingConfig",
+    "SentencePieceTokenizer",
+    "Tokenizer",
+    "__version__",
+    "create_model",
+    "load_hf_checkpoint",
+    "load_tokenizer",
+    "make_mesh",
+    "save_hf_checkpoint",
+]

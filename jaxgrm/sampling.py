@@ -75,7 +75,7 @@ class SamplingConfig:
 class SamplingState:
     """Decode-loop carry. B rows (prompts x G), S cache slots, M new tokens.
 
-    step: [] int32, tokens generated so far.   cache: per-layer LayerCache, [B, K, S, H].
+    step: [] int32, tokens generated so far.   cache: per-layer LayerCache.
     logits_BV: [B, V] float32 logits for the next token.   valid_BS: [B, S] bool attendable slots.
     positions_B: [B] int32 position of the next token.   done_B: [B] bool, row has stopped.
     tokens_BM: [B, M] int32.   logprobs_BM: [B, M] float32.   mask_BM: [B, M] bool.
@@ -114,21 +114,30 @@ class SampleOutput:
         return self.mask_BM.sum(axis=1)
 
 
-def _bisect(lo_B1, hi_B1, enough, iters: int = 32):
-    """Per row, the largest t in [lo, hi) with `enough(t)` true, to float32 resolution.
+def _bisect(lo_B1, hi_B1, measure, target_B1, iters: int = 32):
+    """Per row, the largest t in [lo, hi) with measure(t) >= target, to float32 resolution.
 
-    Invariant: enough(lo) holds, enough(hi) does not (or hi is the row maximum). 32 halvings of
-    the bracket reach float32 resolution, so the result is exact up to values tied within ~1e-8.
-    Replaces sorting: XLA's CPU top-k and sort cost ~10x more than these 32 vector passes.
+    `measure` is non-increasing in t and measure(lo) >= target. A row stops early once
+    measure(t) == target exactly (top-k: exactly k tokens kept); otherwise 32 halvings reach
+    float32 resolution, so the result is exact up to values tied within ~1e-8. Replaces sorting:
+    XLA's CPU top-k and sort cost ~10x more than these vector passes.
     """
 
-    def body(_, bracket):
-        lo, hi = bracket
-        mid = 0.5 * (lo + hi)
-        ok = enough(mid)
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+    def cond(carry):
+        i, _, _, done = carry
+        return (i < iters) & ~jnp.all(done)
 
-    return jax.lax.fori_loop(0, iters, body, (lo_B1, hi_B1))[0]
+    def body(carry):
+        i, lo, hi, done = carry
+        mid = 0.5 * (lo + hi)
+        m = measure(mid)
+        ok = (m >= target_B1) & ~done
+        lo = jnp.where(ok, mid, lo)
+        hi = jnp.where(done | ok, hi, mid)
+        return i + 1, lo, hi, done | (m == target_B1)
+
+    done = measure(lo_B1) == target_B1
+    return jax.lax.while_loop(cond, body, (0, lo_B1, hi_B1, done))[1]
 
 
 def sampling_weights(logits_BV: jax.Array, cfg: SamplingConfig) -> jax.Array:
@@ -141,20 +150,20 @@ def sampling_weights(logits_BV: jax.Array, cfg: SamplingConfig) -> jax.Array:
     x_max = x.max(axis=-1, keepdims=True)
     weights = jnp.exp(x - x_max)
     if cfg.top_k and cfg.top_k < x.shape[-1]:
-        k = cfg.top_k
         # Counting in float32 is exact below 2**24 and fuses better than an integer sum.
         kth = _bisect(
             x.min(axis=-1, keepdims=True),
             x_max,
-            lambda t: jnp.where(x >= t, 1.0, 0.0).sum(-1, keepdims=True) >= k,
+            lambda t: jnp.where(x >= t, 1.0, 0.0).sum(-1, keepdims=True),
+            jnp.full_like(x_max, cfg.top_k),
         )
         weights = jnp.where(x >= kth, weights, 0.0)
     if cfg.top_p < 1.0:
-        mass = cfg.top_p * weights.sum(axis=-1, keepdims=True)
         cut = _bisect(
             jnp.zeros_like(x_max),
             jnp.ones_like(x_max),
-            lambda t: jnp.where(weights >= t, weights, 0.0).sum(-1, keepdims=True) >= mass,
+            lambda t: jnp.where(weights >= t, weights, 0.0).sum(-1, keepdims=True),
+            cfg.top_p * weights.sum(axis=-1, keepdims=True),
         )
         weights = jnp.where(weights >= cut, weights, 0.0)
     return weights

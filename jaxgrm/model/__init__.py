@@ -8,6 +8,7 @@ from jaxgrm.model.decoder import (
     segment_mask,
     segment_positions,
 )
+from jaxgrm.model.hf import CheckpointError, load_hf_checkpoint, save_hf_checkpoint
 from jaxgrm.model.sharding import (
     DEFAULT_RULES,
     abstract_model,
@@ -17,6 +18,7 @@ from jaxgrm.model.sharding import (
 )
 
 __all__ = [
+    "CheckpointError",
     "DEFAULT_RULES",
     "PRESETS",
     "DType",
@@ -27,8 +29,10 @@ __all__ = [
     "abstract_model",
     "create_model",
     "init_cache",
+    "load_hf_checkpoint",
     "make_mesh",
     "segment_mask",
+    "save_hf_checkpoint",
     "segment_positions",
     "state_shardings",
 ]
