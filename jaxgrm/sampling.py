@@ -285,7 +285,7 @@ class Sampler:
         mask_BLS = jnp.pad(segment_mask(mask_BL.astype(jnp.int32)), ((0, 0), (0, 0), (0, m)))
         positions = segment_positions(mask_BL.astype(jnp.int32))
         cache = init_cache(self.model_cfg, b, s)
-        hidden, cache = model(tokens_BL, positions, mask_BLS, cache, 0)
+        hidden, cache = model(tokens_BL, positions, mask_BLS, cache, 0, last_only=True)
         filler_B = ~mask_BL[:, -1]  # real rows always end in a prompt token
         return SamplingState(
             step=jnp.zeros((), jnp.int32),

@@ -174,3 +174,17 @@ def test_partition_spec_falls_back_to_replication():
     assert spec == jax.sharding.PartitionSpec(None, None, None)  # axes of size 1
     with pytest.raises(ValueError, match="do not match shape"):
         partition_spec(("D",), (3, 4), mesh, {})
+
+
+def test_last_only_prefill_matches_full_and_fills_the_same_cache(tiny):
+    cfg = tiny.cfg
+    tok = _tokens(6, 2, 9, cfg.vocab_size)
+    valid = jnp.array([[1] * 9, [0, 0, 0] + [1] * 6])
+    pos, mask = segment_positions(valid), segment_mask(valid)
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 4)))
+    h_all, c_all = tiny(tok, pos, mask, init_cache(cfg, 2, 13), 0)
+    h_last, c_last = tiny(tok, pos, mask, init_cache(cfg, 2, 13), 0, last_only=True)
+    assert h_last.shape == (2, 1, cfg.d_model)
+    np.testing.assert_allclose(h_last[:, 0], h_all[:, -1], atol=1e-5)
+    for a, b in zip(jax.tree.leaves(c_all), jax.tree.leaves(c_last), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -129,10 +129,19 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(h, eps=cfg.norm_eps, axis="H", param_dtype=pd)
             self.k_norm = RMSNorm(h, eps=cfg.norm_eps, axis="H", param_dtype=pd)
 
-    def __call__(self, x_BTD, positions_BT, mask_BTS, cache: LayerCache | None, cache_index):
+    def __call__(
+        self, x_BTD, positions_BT, mask_BTS, cache: LayerCache | None, cache_index, last_only=False
+    ):
+        """With `last_only`, keys and values cover all T positions (the cache needs them) but
+        only the last position queries: the output is [B, 1, D]."""
         cfg = self.cfg
         dt = cfg.dtype.jnp
-        q = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q_DNH[...].astype(dt))
+        if last_only:
+            q_pos, mask_BTS = positions_BT[:, -1:], mask_BTS[:, -1:]
+            q = jnp.einsum("BTD,DNH->BTNH", x_BTD[:, -1:], self.q_DNH[...].astype(dt))
+        else:
+            q_pos = positions_BT
+            q = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q_DNH[...].astype(dt))
         k = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.k_DKH[...].astype(dt))
         v = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.v_DKH[...].astype(dt))
         if cfg.qkv_bias:
@@ -142,7 +151,7 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        q = apply_rope(q, positions_BT, inv_freq)
+        q = apply_rope(q, q_pos, inv_freq)
         k = apply_rope(k, positions_BT, inv_freq)
 
         k = k.transpose(0, 2, 3, 1)  # [B, K, H, T]
@@ -205,9 +214,10 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, axis="D", param_dtype=pd)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x_BTD, positions_BT, mask_BTS, cache, cache_index):
-        y, cache = self.attn(self.attn_norm(x_BTD), positions_BT, mask_BTS, cache, cache_index)
-        x_BTD = x_BTD + y
+    def __call__(self, x_BTD, positions_BT, mask_BTS, cache, cache_index, last_only=False):
+        h = self.attn_norm(x_BTD)
+        y, cache = self.attn(h, positions_BT, mask_BTS, cache, cache_index, last_only)
+        x_BTD = (x_BTD[:, -1:] if last_only else x_BTD) + y
         return x_BTD + self.mlp(self.mlp_norm(x_BTD)), cache
 
 
@@ -235,15 +245,20 @@ class Decoder(nnx.Module):
         mask_BTS: jax.Array,
         cache: tuple[LayerCache, ...] | None = None,
         cache_index: jax.Array | int = 0,
+        last_only: bool = False,
     ) -> tuple[jax.Array, tuple[LayerCache, ...] | None]:
         """tokens_BT, positions_BT: [B, T] int; mask_BTS: [B, T, S] bool, where S = T without a
         cache and S = cache length with one (new keys are written at `cache_index`).
-        Returns (hidden_BTD in the compute dtype, updated cache or None)."""
+        Returns (hidden_BTD in the compute dtype, updated cache or None). With `last_only` the
+        hidden state is [B, 1, D] for the last position: the final layer then computes keys and
+        values for every position but queries, attention output and MLP for the last one only
+        (prefill needs no more)."""
         x = self.embed_VD[...].astype(self.cfg.dtype.jnp)[tokens_BT]
         new_cache = []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache[i]
-            x, c = layer(x, positions_BT, mask_BTS, layer_cache, cache_index)
+            final = last_only and i == len(self.layers) - 1
+            x, c = layer(x, positions_BT, mask_BTS, layer_cache, cache_index, final)
             new_cache.append(c)
         return self.final_norm(x), (None if cache is None else tuple(new_cache))
 
