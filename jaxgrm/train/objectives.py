@@ -1,0 +1,77 @@
+"""Objectives the train step optimises: each maps (model, batch) to a (sum, denominator) loss.
+
+An objective is a frozen (hashable) dataclass, so the jitted train step can take it as a static
+argument. Batches are mappings of arrays whose leading dimension is B:
+
+    tokens_BT       int32   prompt + response tokens, right-padded or packed
+    segment_ids_BT  int32   1, 2, ... per example in the row; 0 = padding
+    loss_mask_BT    bool    tokens that carry loss (SFT: response tokens)
+
+and for the policy-gradient objective also
+
+    old_logp_BT     float32 log-probs of the tokens under the sampling policy
+    adv_BT          float32 token advantages (SAM already applied)
+    ref_logp_BT     float32 reference-policy log-probs (only when kl_coef > 0)
+
+Log-probabilities are aligned with the tokens they score: logp_BT[:, t] = log p(token t | < t);
+position 0 of each row is never a target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from jaxgrm.masked import masked_count, masked_sum
+from jaxgrm.rl.losses import PolicyLossConfig, policy_loss
+from jaxgrm.sampling import gather_logprobs
+
+
+def token_logprobs(model, tokens_BT: jax.Array, segment_ids_BT: jax.Array) -> jax.Array:
+    """log p(token t | tokens < t) for t >= 1, 0 at t = 0: [B, T] float32."""
+    logits = model.forward(tokens_BT, segment_ids_BT)
+    logp = gather_logprobs(logits[:, :-1], tokens_BT[:, 1:])
+    return jnp.pad(logp, ((0, 0), (1, 0)))
+
+
+def target_mask(batch: Mapping[str, jax.Array]) -> jax.Array:
+    """loss_mask restricted to tokens that have a predecessor in their own segment."""
+    seg = batch["segment_ids_BT"]
+    same = jnp.pad(seg[:, 1:] == seg[:, :-1], ((0, 0), (1, 0)))
+    return batch["loss_mask_BT"].astype(bool) & same & (seg != 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossEntropy:
+    """Masked next-token cross-entropy (SFT, sequence-level distillation)."""
+
+    def __call__(self, model, batch):
+        logp = token_logprobs(model, batch["tokens_BT"], batch["segment_ids_BT"])
+        mask = target_mask(batch)
+        loss = (-masked_sum(logp, mask), masked_count(mask))
+        return loss, {"tokens": (masked_count(mask), jnp.ones(()))}
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyGradient:
+    """The GRPO/SAM clipped surrogate (+ optional KL) on sampled completions."""
+
+    config: PolicyLossConfig = PolicyLossConfig()
+
+    def __call__(self, model, batch):
+        logp = token_logprobs(model, batch["tokens_BT"], batch["segment_ids_BT"])
+        mask = target_mask(batch)
+        loss, metrics = policy_loss(
+            logp,
+            batch["old_logp_BT"],
+            batch["adv_BT"],
+            mask,
+            self.config,
+            batch.get("ref_logp_BT"),
+        )
+        # Entropy proxy: mean negative log-prob of the sampled tokens under the current policy.
+        metrics["neg_logp"] = (-masked_sum(logp, mask), masked_count(mask))
+        return loss, metrics
