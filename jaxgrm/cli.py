@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+import time
+from pathlib import Path
+
 import click
 
 _PENDING = {
-    "data": "build and inspect relevance datasets (TFDS builders, the synthetic world)",
     "sft": "warm-up supervised fine-tuning on teacher traces",
     "rl": "GRPO with stepwise advantage masking",
     "distill": "distil a trained model into a small student",
@@ -39,6 +42,167 @@ def import_hf(checkpoint: str):
 
     model = load_hf_checkpoint(checkpoint)
     click.echo(model.cfg)
+
+
+# ---- jaxgrm data -------------------------------------------------------------------------------
+@main.group()
+def data():
+    """Build and inspect relevance datasets (TFDS builders, the synthetic world)."""
+
+
+_DATA_DIR_HELP = "Prepared data sets live here [default: $JAXGRM_DATA_DIR, else ~/jaxgrm_data]."
+_NAME_HELP = (
+    "The TFDS config: for jsonl the name of your data set (and its default source; default: "
+    "the file's stem), for world `default` or `small`."
+)
+
+
+@data.command(name="list")
+def data_list():
+    """List the data sets that can be built."""
+    from jaxgrm.data.builders import BUILDERS
+
+    for name, (_, summary) in BUILDERS.items():
+        click.echo(f"{name:<12} {summary}")
+
+
+@data.command(name="build")
+@click.argument("name")
+@click.option(
+    "--manual-dir",
+    type=click.Path(exists=True, path_type=Path),
+    help="The raw files (e.g. ../shared/data/<set>); jsonl: a .jsonl file or a folder of them.",
+)
+@click.option("--data-dir", type=click.Path(path_type=Path), help=_DATA_DIR_HELP)
+@click.option(
+    "--on-bad-row",
+    type=click.Choice(["raise", "skip"]),
+    default="raise",
+    show_default=True,
+    help="Stop at the first malformed row, or skip such rows and count them per reason.",
+)
+@click.option("--name", "config_name", help=_NAME_HELP)
+@click.option("--overwrite", is_flag=True, help="Rebuild even if this version is prepared.")
+def data_build(name, manual_dir, data_dir, on_bad_row, config_name, overwrite):
+    """Prepare data set NAME (see `jaxgrm data list`) as array_record, split by query."""
+    from jaxgrm.data import builders
+    from jaxgrm.data.builders.base import BadRow
+
+    cls = _builder_class(name)
+    config = config_name
+    if name == "jsonl":
+        from jaxgrm.data.builders.jsonl import JsonlConfig
+
+        if manual_dir is None:
+            raise click.UsageError("jsonl needs --manual-dir (a .jsonl file or a folder of them)")
+        config_name = config_name or re.sub(r"\W", "_", manual_dir.resolve().stem)
+        config, manual_dir = JsonlConfig(name=config_name, path=str(manual_dir)), None
+    elif getattr(cls, "MANUAL_DOWNLOAD_INSTRUCTIONS", None) and not _has_files(manual_dir):
+        raise click.UsageError(
+            f"{name} needs --manual-dir, a folder with its raw files: "
+            f"{cls.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+        )
+    start = time.perf_counter()
+    try:
+        builder = builders.build(
+            name,
+            manual_dir=manual_dir,
+            data_dir=data_dir,
+            on_bad_row=on_bad_row,
+            config=config,
+            overwrite=overwrite,
+        )
+    except BadRow as err:
+        raise click.ClickException(
+            f"bad row ({err.reason}): {err}\n"
+            "Fix the row, or rerun with --on-bad-row=skip to skip such rows and count them."
+        ) from None
+    except (FileNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    report = getattr(builder, "build_report", None)
+    if not builder.prepared_now:
+        click.echo(f"{name}: already prepared at {builder.data_dir} (--overwrite rebuilds it)")
+        return
+    click.echo(f"{name}: prepared at {builder.data_dir} in {time.perf_counter() - start:.1f} s")
+    if report is not None:
+        for split, counts in report.splits.items():
+            click.echo(f"  {split:<10} {counts['pairs']:>7} pairs {counts['queries']:>6} queries")
+        skipped = ", ".join(f"{k}: {v}" for k, v in sorted(report.skipped.items())) or "none"
+        click.echo(
+            f"  rows read {report.rows_read}, written {report.rows_written}, "
+            f"skipped {sum(report.skipped.values())} ({skipped})"
+        )
+
+
+@data.command(name="stats")
+@click.argument("name")
+@click.option("--data-dir", type=click.Path(path_type=Path), help=_DATA_DIR_HELP)
+@click.option("--name", "config_name", default=None, help=_NAME_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
+def data_stats(name, data_dir, config_name, as_json):
+    """Pairs, queries and grades per split of prepared data set NAME, and skipped rows.
+
+    `world` instead reports on the synthetic world itself (its default config, or --name's):
+    grades, baselines and teacher error rates. `world/small` reads a prepared world.
+    """
+    import json
+
+    if name == "world":
+        try:
+            from jaxgrm.data.world import WorldConfig, format_stats, stats_report
+        except ImportError:
+            try:  # while the world keeps its report in a module of its own
+                from jaxgrm.data.world import WorldConfig
+                from jaxgrm.data.world_stats import format_stats, stats_report
+            except ImportError as err:
+                raise click.ClickException(f"the synthetic world is unavailable: {err}") from None
+        world = WorldConfig()
+        if config_name:
+            configs = _builder_class("world").builder_configs
+            if config_name not in configs:
+                raise click.UsageError(f"world configs: {', '.join(configs)}")
+            world = configs[config_name].world
+        report = stats_report(world)
+        click.echo(json.dumps(report, indent=2, default=str) if as_json else format_stats(report))
+        return
+    from jaxgrm.data.stats import NotBuiltError, dataset_stats, format_stats
+
+    _builder_class(name.split("/")[0])
+    if config_name:
+        name = f"{name}/{config_name}"
+    elif name == "jsonl":
+        name = f"jsonl/{_only_jsonl_name(data_dir)}"
+    try:
+        stats = dataset_stats(name, data_dir)
+    except NotBuiltError as err:
+        raise click.ClickException(f"{err}; run `jaxgrm data build {name}` first") from None
+    click.echo(json.dumps(stats, indent=2, ensure_ascii=False) if as_json else format_stats(stats))
+
+
+def _only_jsonl_name(data_dir: Path | None) -> str:
+    from jaxgrm.data.builders import default_data_dir
+
+    root = (data_dir or default_data_dir()) / "jsonl"
+    names = sorted(p.name for p in root.glob("*") if list(p.glob("*/dataset_info.json")))
+    if len(names) != 1:
+        built = ", ".join(names) or "none"
+        raise click.UsageError(f"name the JSONL data set with --name (built: {built})")
+    return names[0]
+
+
+def _has_files(folder: Path | None) -> bool:
+    return folder is not None and folder.is_dir() and any(folder.iterdir())
+
+
+def _builder_class(name: str):
+    from jaxgrm.data.builders import BUILDERS, builder_class
+
+    if name not in BUILDERS:
+        raise click.UsageError(f"unknown data set {name!r}; choose from {', '.join(BUILDERS)}")
+    try:
+        return builder_class(name)
+    except ImportError as err:
+        raise click.ClickException(f"the {name} builder is not available: {err}") from None
 
 
 def _pending(name: str, summary: str):
