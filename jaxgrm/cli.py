@@ -10,7 +10,6 @@ import click
 
 _PENDING = {
     "sft": "warm-up supervised fine-tuning on teacher traces",
-    "rl": "GRPO with stepwise advantage masking",
     "distill": "distil a trained model into a small student",
     "score": "score query-document pairs from a JSONL file",
     "serve": "serve relevance scoring over HTTP",
@@ -32,6 +31,50 @@ def demo(steps: int, seed: int, samples: int):
     from jaxgrm.demo import run_demo
 
     run_demo(steps=steps, seed=seed, num_samples=samples)
+
+
+def load_config(path: str, overrides: tuple[str, ...] = ()):
+    """`get_config()` of a Python config file, with tyro-style overrides (`--rl.steps 10`)."""
+    import importlib.util
+
+    import tyro
+
+    spec = importlib.util.spec_from_file_location("jaxgrm_user_config", path)
+    if spec is None or spec.loader is None:
+        raise click.BadParameter(f"{path}: not a Python file", param_hint="--config")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise click.BadParameter(f"{path} defines no get_config()", param_hint="--config")
+    cfg = module.get_config()
+    if overrides:
+        cfg = tyro.cli(type(cfg), default=cfg, args=list(overrides), prog="jaxgrm rl --config ...")
+    return cfg
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option(
+    "--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False),
+    help="A Python file whose get_config() returns the experiment (experiments/configs/).",
+)  # fmt: skip
+@click.option("--workdir", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
+def rl(config_path: str, workdir: str, overrides: tuple[str, ...]):
+    """GRPO with stepwise advantage masking, from an SFT warm-up, resumable.
+
+    Extra arguments override config fields, e.g. `-- --rl.steps 20 --rl.loss.kl-coef 0.01`
+    (`-- --help` lists them all). Rerunning with the same workdir resumes.
+    """
+    from jaxgrm.rl.experiment import run
+
+    cfg = load_config(config_path, overrides)
+    results = run(cfg, workdir)
+    for mode, history in results.items():
+        last = next((h for h in reversed(history) if "val/accuracy" in h), None)
+        if last is not None:
+            click.echo(
+                f"{mode}: step {last['step']} validation accuracy {last['val/accuracy']:.3f}"
+            )
 
 
 @main.command(name="import-hf")

@@ -76,7 +76,9 @@ class TrainState:
     @classmethod
     def create(cls, params: nnx.State, tx: optax.GradientTransformation, seed: int) -> TrainState:
         """The optimizer state is born in the params' shardings (moments mirror their params);
-        scalars are replicated on the same mesh (or device)."""
+        scalars are replicated on the same mesh (or device). The params are copied: the train
+        step donates its state, and the caller's arrays (a model, a reference) must survive."""
+        params = jax.tree.map(lambda x: x.copy(), params)
         sharding = jax.tree.leaves(params)[0].sharding
         if isinstance(sharding, NamedSharding):
             sharding = NamedSharding(sharding.mesh, PartitionSpec())

@@ -1,0 +1,112 @@
+"""RL on the synthetic world, end to end: world -> tokenizer -> SFT warm-up on teacher traces ->
+GRPO for each SAM mode from the same warm-up -> evaluation, learning curves and a summary.
+
+Every stage writes into the run directory and is skipped when its output exists, so a rerun
+resumes (stages that train also resume mid-way from their own checkpoints).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+
+import jax
+from flax import nnx
+
+from jaxgrm.data.world import WorldConfig, generate, teacher_trace
+from jaxgrm.model import ModelConfig, create_model
+from jaxgrm.prompts import PromptConfig, render_prompt, render_prompt_text
+from jaxgrm.rl.advantages import SamMode
+from jaxgrm.rl.learner import Learner, RLConfig
+from jaxgrm.tokenizer import SentencePieceTokenizer, load_tokenizer
+from jaxgrm.train.checkpoint import Checkpointer
+from jaxgrm.train.sft import SFTConfig, response_encoder, run_sft
+from jaxgrm.train.state import TrainState, make_optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldRLExperiment:
+    """world: the generator's config. model: the decoder (vocab_size is set from the tokenizer).
+    sam_modes: one RL run per mode, all from the same SFT warm-up and with the same seeds."""
+
+    world: WorldConfig = WorldConfig.small()
+    model: ModelConfig = ModelConfig.tiny()
+    vocab_size: int = 1024
+    tokenizer_texts: int = 3000
+    prompt: PromptConfig = PromptConfig(instructions=False, doc_budget=96)
+    sft: SFTConfig = SFTConfig()
+    rl: RLConfig = RLConfig()
+    sam_modes: tuple[SamMode, ...] = (SamMode.OFF, SamMode.BOTH)
+    teacher_seed: int = 0
+
+
+def _with_traces(examples, cfg: WorldRLExperiment):
+    rng = random.Random(cfg.teacher_seed)
+    error = cfg.world.teacher_error_rate
+    return [
+        dataclasses.replace(ex, meta={**ex.meta, "trace": teacher_trace(ex, rng, error)[0]})
+        for ex in examples
+    ]
+
+
+def _tokenizer(cfg: WorldRLExperiment, train, workdir: str):
+    path = os.path.join(workdir, "tokenizer.model")
+    if os.path.exists(path):
+        return load_tokenizer(path)
+    texts = []
+    for ex in train[: cfg.tokenizer_texts]:
+        texts.append(render_prompt_text(ex, f"{ex.doc_title}\n{ex.doc}", cfg.prompt))
+        texts.append(ex.meta["trace"])
+    tok = SentencePieceTokenizer.train(texts, vocab_size=cfg.vocab_size)
+    tok.save(path)
+    return tok
+
+
+def _load_params(model, directory: str, optim) -> None:
+    """Put the final params of a finished training run in `directory` into `model`."""
+    graphdef, params = nnx.split(model)
+    like = TrainState.create(params, make_optimizer(optim), seed=0)
+    ckpt = Checkpointer(os.path.join(directory, "checkpoints"))
+    restored = ckpt.restore(like)
+    ckpt.close()
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint in {directory}")
+    nnx.update(model, restored[0].params)
+
+
+def run(cfg: WorldRLExperiment, workdir: str | os.PathLike) -> dict:
+    """Run (or resume) the experiment; returns {mode: [metrics per logged step]}."""
+    workdir = os.fspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    splits = generate(cfg.world)
+    train = _with_traces(splits["train"], cfg)
+    tok = _tokenizer(cfg, train, workdir)
+    model_cfg = cfg.model.replace(vocab_size=tok.vocab_size)
+
+    def fresh_model():
+        return create_model(model_cfg, seed=cfg.sft.seed)
+
+    def prompt_ids(ex):
+        return render_prompt(ex, tok, cfg.prompt).ids
+
+    encode = response_encoder(prompt_ids, lambda ex: tok.encode(ex.meta["trace"]), tok.eos_id)
+    sft_dir = os.path.join(workdir, "sft")
+    model = fresh_model()
+    params, _ = run_sft(model, train, encode, cfg.sft, sft_dir)
+    results = {}
+    for mode in cfg.sam_modes:
+        model = fresh_model()
+        nnx.update(model, params)
+        rl_cfg = dataclasses.replace(
+            cfg.rl, advantage=dataclasses.replace(cfg.rl.advantage, sam=mode)
+        )
+        learner = Learner(
+            model, tok, train, splits["validation"], rl_cfg, os.path.join(workdir, f"rl-{mode}")
+        )
+        results[str(mode)] = learner.run()
+        jax.clear_caches()
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    return results

@@ -1,0 +1,257 @@
+"""The RL learner: GRPO (+ SAM) on a sharded, resumable train loop.
+
+Each step: draw prompts -> G rollouts from the sampler with the current weights -> parse ->
+rewards and step verdicts -> advantages -> `num_passes` passes over mini-batches of the rollout
+(old log-probs from the sampler, ratio clipped) -> the new weights go to the sampler on the next
+call, which does not recompile. A reference model is kept only when kl_coef > 0.
+
+Resume is exact: the prompts of a step and the sampler key are pure functions of (seed, step),
+so the checkpoint holds only the train state, the step and the RNG key. SIGTERM finishes the
+current step, saves and exits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from jaxgrm.data.schema import RelevanceExample
+from jaxgrm.prompts import PromptConfig, render_prompt
+from jaxgrm.rl.advantages import AdvantageConfig
+from jaxgrm.rl.losses import PolicyLossConfig
+from jaxgrm.rl.rollout import evaluate_policy, rollout, rollout_stats, training_batch
+from jaxgrm.sampling import Sampler, SamplingConfig
+from jaxgrm.tokenizer import Tokenizer
+from jaxgrm.train.checkpoint import Checkpointer
+from jaxgrm.train.mesh import shard_batch
+from jaxgrm.train.metrics import MetricsWriter
+from jaxgrm.train.objectives import PolicyGradient, token_logprobs
+from jaxgrm.train.state import OptimConfig, TrainState, make_optimizer
+from jaxgrm.train.step import jit_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """prompts_per_step x group_size rollouts per step; each of `num_passes` passes splits them
+    into `minibatches` optimizer steps (mu = num_passes in GRPO terms)."""
+
+    steps: int = 100
+    prompts_per_step: int = 16
+    group_size: int = 8
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    num_passes: int = 1
+    minibatches: int = 1
+    accum_steps: int = 1
+    filter_zero_variance: bool = False
+    advantage: AdvantageConfig = AdvantageConfig()
+    loss: PolicyLossConfig = PolicyLossConfig()
+    optim: OptimConfig = OptimConfig(learning_rate=1e-5, warmup_steps=0, total_steps=100)
+    prompt: PromptConfig = PromptConfig()
+    prompt_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024)
+    eval_every: int = 10
+    eval_examples: int = 512
+    save_every: int = 10
+    keep_checkpoints: int = 3
+    sample_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        rows = self.prompts_per_step * self.group_size
+        if rows % self.minibatches or (rows // self.minibatches) % self.accum_steps:
+            raise ValueError(
+                f"{rows} rollouts per step do not split into {self.minibatches} mini-batches "
+                f"of {self.accum_steps} micro-batches"
+            )
+        if self.group_size < 2:
+            raise ValueError("group-relative advantages need group_size >= 2")
+
+
+class Learner:
+    """Owns the train state, the sampler, the reference policy and the run directory."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer: Tokenizer,
+        train: Sequence[RelevanceExample],
+        validation: Sequence[RelevanceExample],
+        cfg: RLConfig,
+        workdir: str | os.PathLike,
+        mesh=None,
+    ):
+        self.cfg, self.tokenizer, self.mesh = cfg, tokenizer, mesh
+        self.train, self.validation = list(train), list(validation)[: cfg.eval_examples]
+        self.workdir = os.fspath(workdir)
+        self.graphdef, params = nnx.split(model)
+        self.tx = make_optimizer(cfg.optim)
+        self.state = TrainState.create(params, self.tx, seed=cfg.seed)
+        shardings = jax.tree.map(lambda x: x.sharding, self.state) if mesh is not None else None
+        self.step_fn = jit_train_step(
+            self.graphdef, PolicyGradient(cfg.loss), self.tx, cfg.accum_steps, shardings
+        )
+        self.ref_params = None
+        if cfg.loss.kl_coef > 0:  # a separate copy: the train step donates the live params
+            self.ref_params = jax.tree.map(lambda x: x.copy(), params)
+            graphdef = self.graphdef
+            self._ref_logp = jax.jit(
+                lambda p, tok, seg: token_logprobs(nnx.merge(graphdef, p), tok, seg)
+            )
+        stop = (tokenizer.eos_id, tokenizer.token_id("</answer>"))
+        common = dict(
+            max_new_tokens=cfg.max_new_tokens, stop_ids=stop, pad_id=tokenizer.pad_id,
+            prompt_buckets=cfg.prompt_buckets,
+        )  # fmt: skip
+        self.sampler = Sampler(
+            model,
+            SamplingConfig(
+                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                num_samples=cfg.group_size, **common,
+            ),
+        )  # fmt: skip
+        self.greedy = Sampler(model, SamplingConfig(temperature=0.0, num_samples=1, **common))
+        self._prompt_cache: dict[int, list[int]] = {}
+        self.val_prompts = [render_prompt(ex, tokenizer, cfg.prompt).ids for ex in self.validation]
+        self._stop = False
+
+    # -- data ---------------------------------------------------------------------------------
+    def prompts_for_step(self, step: int) -> tuple[list[RelevanceExample], list[list[int]]]:
+        """The prompts of `step`: a pure function of (seed, step), so resume needs no state."""
+        rng = np.random.default_rng([self.cfg.seed, step])
+        idx = rng.choice(len(self.train), self.cfg.prompts_per_step, replace=False)
+        for i in idx:
+            if i not in self._prompt_cache:
+                ex = self.train[i]
+                self._prompt_cache[i] = render_prompt(ex, self.tokenizer, self.cfg.prompt).ids
+        return [self.train[i] for i in idx], [self._prompt_cache[i] for i in idx]
+
+    # -- one step -----------------------------------------------------------------------------
+    def rl_step(self, step: int) -> dict[str, float]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        examples, prompts = self.prompts_for_step(step)
+        key = jax.random.fold_in(jax.random.key(cfg.seed), step)
+        r = rollout(self.sampler, self.state.params, self.tokenizer, examples, prompts, key)
+        t_rollout = time.perf_counter() - t0
+        batch, batch_stats = training_batch(
+            r, cfg.group_size, cfg.advantage, cfg.filter_zero_variance
+        )
+        if self.ref_params is not None:
+            batch["ref_logp_BT"] = np.asarray(
+                self._ref_logp(self.ref_params, batch["tokens_BT"], batch["segment_ids_BT"])
+            )
+        t1 = time.perf_counter()
+        rows = batch["tokens_BT"].shape[0]
+        per_mb = rows // cfg.minibatches
+        train_metrics: list[dict] = []
+        for p in range(cfg.num_passes):
+            order = np.random.default_rng([cfg.seed, step, p, 1]).permutation(rows)
+            for m in range(cfg.minibatches):
+                sel = order[m * per_mb : (m + 1) * per_mb]
+                mb = {k: v[sel] for k, v in batch.items()}
+                if self.mesh is not None:
+                    mb = shard_batch(mb, self.mesh)
+                self.state, metrics = self.step_fn(self.state, mb)
+                train_metrics.append(metrics)
+        train_metrics = jax.device_get(train_metrics)
+        t_train = time.perf_counter() - t1
+        out = rollout_stats(r) | batch_stats
+        for k in train_metrics[0]:
+            out[k] = float(np.mean([m[k] for m in train_metrics]))
+        out["entropy"] = out.pop("neg_logp", float("nan"))
+        out["accuracy"] = out["reward_mean"]
+        out["rollout_s"], out["train_s"] = t_rollout, t_train
+        out["tokens_per_s"] = float(r.mask_BM.sum()) / max(t_rollout + t_train, 1e-9)
+        if cfg.sample_every and step % cfg.sample_every == 0:
+            self._last_samples = self._format_samples(r)
+        return out
+
+    def _format_samples(self, r, n: int = 3) -> str:
+        lines = []
+        for i in range(0, min(len(r.parsed), n * self.cfg.group_size), self.cfg.group_size):
+            ex = r.examples[i]
+            text = self.tokenizer.decode(r.tokens_BM[i][r.mask_BM[i]].tolist())
+            lines.append(
+                f"query: {ex.query}\nlabel: {ex.label}  reward: {r.rewards_B[i]:.0f}  "
+                f"verdicts: {r.verdicts_BP[i].tolist()}\n{text}\n"
+            )
+        return "\n".join(lines)
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        key = jax.random.fold_in(jax.random.key(self.cfg.seed + 1), step)
+        report = evaluate_policy(
+            self.greedy, self.state.params, self.tokenizer, self.validation, self.val_prompts, key
+        )
+        return {f"val/{k}": v for k, v in report.summary().items() if v is not None}
+
+    # -- the loop -----------------------------------------------------------------------------
+    def run(self) -> list[dict]:
+        """Train to cfg.steps, resuming from the newest checkpoint in workdir. Returns metrics."""
+        cfg = self.cfg
+        ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=cfg.keep_checkpoints)
+        start = 0
+        restored = ckpt.restore(self.state)
+        if restored is not None:
+            self.state, _, extra = restored
+            start = int(extra["next_step"])
+        lead = jax.process_index() == 0
+        writer = MetricsWriter(self.workdir, resume_step=start or None) if lead else None
+        if lead and start == 0:
+            with open(os.path.join(self.workdir, "config.json"), "w") as f:
+                json.dump(_jsonable(dataclasses.asdict(cfg)), f, indent=2)
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        history = []
+        if start == 0 and cfg.eval_every:  # where the policy starts, for the learning curves
+            metrics = self.evaluate(0)
+            history.append({"step": 0, **metrics})
+            if writer is not None:
+                writer.write(0, metrics)
+        try:
+            bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="rl")
+            for step in bar:
+                metrics = self.rl_step(step)
+                if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                    metrics |= self.evaluate(step + 1)
+                history.append({"step": step + 1, **metrics})
+                if writer is not None:
+                    writer.write(step + 1, metrics)
+                    if cfg.sample_every and step % cfg.sample_every == 0:
+                        writer.samples(step + 1, self._last_samples)
+                bar.set_postfix(
+                    reward=f"{metrics['reward_mean']:.2f}", loss=f"{metrics['loss']:.3f}"
+                )
+                last = step + 1 == cfg.steps
+                if self._stop or last or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+                    ckpt.save(step + 1, self.state, extra={"next_step": step + 1}, force=True)
+                if self._stop:
+                    break
+        finally:
+            ckpt.close()
+            signal.signal(signal.SIGTERM, previous)
+            if writer is not None:
+                writer.close()
+        return history
+
+    def _on_sigterm(self, signum, frame):
+        self._stop = True
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if hasattr(x, "value") and not isinstance(x, int | float | str | bool):
+        return x.value  # enums
+    return x
