@@ -17,7 +17,7 @@ def test_help_lists_subcommands():
 
 
 def test_unbuilt_subcommand_fails_loudly():
-    result = CliRunner().invoke(main, ["rl"])
+    result = CliRunner().invoke(main, ["distill"])
     assert result.exit_code != 0
     assert "not built yet" in result.output
 

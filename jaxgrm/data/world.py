@@ -399,8 +399,11 @@ def teacher_trace(
     rng: random.Random,
     error_rate: float,
     propagation: float = 0.5,
+    prose: bool = True,
 ) -> tuple[str, dict[str, bool]]:
     """A teacher's trace for a world example, and which of its steps are right.
+
+    With `prose=False` each step is its conclusion line alone (shorter traces for small models).
 
     Each step is independently wrong with probability `error_rate` (one conclusion value
     changed). A wrong step1 or step2 also makes step3 wrong with probability `propagation` (the
@@ -421,9 +424,9 @@ def teacher_trace(
     wrong3 = rng.random() < error_rate or (early_error and rng.random() < propagation)
     steps["step3"] = _corrupt(rng, "step3", truth, domain) if wrong3 else truth["step3"]
     correct["step3"] = not wrong3
-    prose = {name: step_prose(rng, name, steps[name], domain) for name in steps}
+    text = {name: step_prose(rng, name, steps[name], domain) for name in steps} if prose else None
     answer = parse_bound(steps["step3"]["bound"])[1]
-    return format_trace(steps, answer, prose), correct
+    return format_trace(steps, answer, text), correct
 
 
 # ---- statistics (implemented in world_stats, which needs scikit-learn) -------------------------

@@ -17,13 +17,18 @@ from flax import nnx
 
 from jaxgrm.data.world import WorldConfig, generate, teacher_trace
 from jaxgrm.model import ModelConfig, create_model
-from jaxgrm.prompts import PromptConfig, render_prompt, render_prompt_text
+from jaxgrm.prompts import (
+    PromptConfig,
+    TraceFormat,
+    render_prompt,
+    render_prompt_text,
+    render_target,
+)
 from jaxgrm.rl.advantages import SamMode
 from jaxgrm.rl.learner import Learner, RLConfig
 from jaxgrm.tokenizer import SentencePieceTokenizer, load_tokenizer
-from jaxgrm.train.checkpoint import Checkpointer
+from jaxgrm.train.metrics import read_metrics
 from jaxgrm.train.sft import SFTConfig, response_encoder, run_sft
-from jaxgrm.train.state import TrainState, make_optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,13 +45,20 @@ class WorldRLExperiment:
     rl: RLConfig = RLConfig()
     sam_modes: tuple[SamMode, ...] = (SamMode.OFF, SamMode.BOTH)
     teacher_seed: int = 0
+    teacher_prose: bool = True
 
 
 def _with_traces(examples, cfg: WorldRLExperiment):
     rng = random.Random(cfg.teacher_seed)
     error = cfg.world.teacher_error_rate
     return [
-        dataclasses.replace(ex, meta={**ex.meta, "trace": teacher_trace(ex, rng, error)[0]})
+        dataclasses.replace(
+            ex,
+            meta={
+                **ex.meta,
+                "trace": teacher_trace(ex, rng, error, prose=cfg.teacher_prose)[0],
+            },
+        )
         for ex in examples
     ]
 
@@ -64,18 +76,6 @@ def _tokenizer(cfg: WorldRLExperiment, train, workdir: str):
     return tok
 
 
-def _load_params(model, directory: str, optim) -> None:
-    """Put the final params of a finished training run in `directory` into `model`."""
-    graphdef, params = nnx.split(model)
-    like = TrainState.create(params, make_optimizer(optim), seed=0)
-    ckpt = Checkpointer(os.path.join(directory, "checkpoints"))
-    restored = ckpt.restore(like)
-    ckpt.close()
-    if restored is None:
-        raise FileNotFoundError(f"no checkpoint in {directory}")
-    nnx.update(model, restored[0].params)
-
-
 def run(cfg: WorldRLExperiment, workdir: str | os.PathLike) -> dict:
     """Run (or resume) the experiment; returns {mode: [metrics per logged step]}."""
     workdir = os.fspath(workdir)
@@ -91,7 +91,12 @@ def run(cfg: WorldRLExperiment, workdir: str | os.PathLike) -> dict:
     def prompt_ids(ex):
         return render_prompt(ex, tok, cfg.prompt).ids
 
-    encode = response_encoder(prompt_ids, lambda ex: tok.encode(ex.meta["trace"]), tok.eos_id)
+    def target_ids(ex):  # the teacher's trace, or the grade alone for the label-only format
+        if cfg.prompt.format == TraceFormat.LABEL_ONLY:
+            return tok.encode(render_target(ex, cfg.prompt))
+        return tok.encode(ex.meta["trace"])
+
+    encode = response_encoder(prompt_ids, target_ids, tok.eos_id)
     sft_dir = os.path.join(workdir, "sft")
     model = fresh_model()
     params, _ = run_sft(model, train, encode, cfg.sft, sft_dir)
@@ -102,11 +107,38 @@ def run(cfg: WorldRLExperiment, workdir: str | os.PathLike) -> dict:
         rl_cfg = dataclasses.replace(
             cfg.rl, advantage=dataclasses.replace(cfg.rl.advantage, sam=mode)
         )
-        learner = Learner(
-            model, tok, train, splits["validation"], rl_cfg, os.path.join(workdir, f"rl-{mode}")
-        )
-        results[str(mode)] = learner.run()
+        rl_dir = os.path.join(workdir, f"rl-{mode}")
+        Learner(model, tok, train, splits["validation"], rl_cfg, rl_dir).run()
+        results[str(mode)] = read_metrics(rl_dir)  # the whole curve, also after a resume
         jax.clear_caches()
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
+    plot_curves(results, os.path.join(workdir, "curves.png"))
     return results
+
+
+CURVES = (
+    ("val/accuracy", "validation grade accuracy"),
+    ("val/step_accuracy", "validation step accuracy"),
+    ("val/all_steps_right", "validation all-steps-right"),
+    ("reward_mean", "training reward (rollouts)"),
+)
+
+
+def plot_curves(results: dict[str, list[dict]], path: str) -> None:
+    """One panel per metric in CURVES, one line per run (e.g. per SAM mode)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4 * len(CURVES), 3.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    for ax, (key, title) in zip(fig.subplots(1, len(CURVES)), CURVES, strict=True):
+        for name, history in results.items():
+            points = [(h["step"], h[key]) for h in history if h.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=name)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+    fig.axes[0].legend(title="SAM mode", fontsize=8)
+    fig.savefig(path, dpi=110)

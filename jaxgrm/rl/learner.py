@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import time
 from collections.abc import Sequence
 
@@ -32,6 +31,7 @@ from jaxgrm.rl.rollout import evaluate_policy, rollout, rollout_stats, training_
 from jaxgrm.sampling import Sampler, SamplingConfig
 from jaxgrm.tokenizer import Tokenizer
 from jaxgrm.train.checkpoint import Checkpointer
+from jaxgrm.train.loop import Preemption
 from jaxgrm.train.mesh import shard_batch
 from jaxgrm.train.metrics import MetricsWriter
 from jaxgrm.train.objectives import PolicyGradient, token_logprobs
@@ -123,7 +123,6 @@ class Learner:
         self.greedy = Sampler(model, SamplingConfig(temperature=0.0, num_samples=1, **common))
         self._prompt_cache: dict[int, list[int]] = {}
         self.val_prompts = [render_prompt(ex, tokenizer, cfg.prompt).ids for ex in self.validation]
-        self._stop = False
 
     # -- data ---------------------------------------------------------------------------------
     def prompts_for_step(self, step: int) -> tuple[list[RelevanceExample], list[list[int]]]:
@@ -210,41 +209,35 @@ class Learner:
         if lead and start == 0:
             with open(os.path.join(self.workdir, "config.json"), "w") as f:
                 json.dump(_jsonable(dataclasses.asdict(cfg)), f, indent=2)
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         history = []
         if start == 0 and cfg.eval_every:  # where the policy starts, for the learning curves
             metrics = self.evaluate(0)
             history.append({"step": 0, **metrics})
             if writer is not None:
                 writer.write(0, metrics)
-        try:
-            bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="rl")
-            for step in bar:
-                metrics = self.rl_step(step)
-                if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-                    metrics |= self.evaluate(step + 1)
-                history.append({"step": step + 1, **metrics})
+        with Preemption() as preempt:
+            try:
+                bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="rl")
+                for step in bar:
+                    metrics = self.rl_step(step)
+                    if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                        metrics |= self.evaluate(step + 1)
+                    history.append({"step": step + 1, **metrics})
+                    if writer is not None:
+                        writer.write(step + 1, metrics)
+                        if cfg.sample_every and step % cfg.sample_every == 0:
+                            writer.samples(step + 1, self._last_samples)
+                    bar.set_postfix(
+                        reward=f"{metrics['reward_mean']:.2f}", loss=f"{metrics['loss']:.3f}"
+                    )
+                    if preempt.should_save(step + 1, cfg.steps, cfg.save_every):
+                        ckpt.save(step + 1, self.state, extra={"next_step": step + 1}, force=True)
+                    preempt.exit_if_requested(ckpt)
+            finally:
+                ckpt.close()
                 if writer is not None:
-                    writer.write(step + 1, metrics)
-                    if cfg.sample_every and step % cfg.sample_every == 0:
-                        writer.samples(step + 1, self._last_samples)
-                bar.set_postfix(
-                    reward=f"{metrics['reward_mean']:.2f}", loss=f"{metrics['loss']:.3f}"
-                )
-                last = step + 1 == cfg.steps
-                if self._stop or last or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-                    ckpt.save(step + 1, self.state, extra={"next_step": step + 1}, force=True)
-                if self._stop:
-                    break
-        finally:
-            ckpt.close()
-            signal.signal(signal.SIGTERM, previous)
-            if writer is not None:
-                writer.close()
+                    writer.close()
         return history
-
-    def _on_sigterm(self, signum, frame):
-        self._stop = True
 
 
 def _jsonable(x):

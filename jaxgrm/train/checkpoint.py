@@ -83,8 +83,11 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Finish pending saves and release the manager (safe to call twice)."""
+        if self.manager is not None:
+            self.manager.wait_until_finished()
+            self.manager.close()
+            self.manager = None
 
 
 def tree_equal(a, b) -> bool:

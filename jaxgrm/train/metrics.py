@@ -65,9 +65,11 @@ class MetricsWriter:
             self._tb.add_text("samples", text, int(step))
 
     def close(self):
+        """Flush and close (safe to call twice)."""
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
 
 
 def read_metrics(logdir: str | os.PathLike) -> list[dict]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 from collections.abc import Callable, Sequence
 
 import jax
@@ -17,6 +16,7 @@ from tqdm import tqdm
 from jaxgrm.data.pipeline import Mode, PipelineConfig, make_iterator
 from jaxgrm.data.schema import RelevanceExample
 from jaxgrm.train.checkpoint import Checkpointer
+from jaxgrm.train.loop import Preemption
 from jaxgrm.train.mesh import shard_batch
 from jaxgrm.train.metrics import MetricsWriter
 from jaxgrm.train.objectives import CrossEntropy
@@ -89,31 +89,27 @@ def run_sft(
         start = int(extra["next_step"])
     lead = jax.process_index() == 0
     writer = MetricsWriter(workdir, resume_step=start or None) if lead else None
-    stop = {"now": False}
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     history = []
-    try:
-        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="sft")
-        for step in bar:
-            batch = {k: np.asarray(v) for k, v in next(it).items() if k != "positions_BT"}
-            if mesh is not None:
-                batch = shard_batch(batch, mesh)
-            state, metrics = step_fn(state, batch)
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if evaluate is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-                metrics |= evaluate(state.params, step + 1)
-            history.append({"step": step + 1, **metrics})
+    with Preemption() as preempt:
+        try:
+            bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="sft")
+            for step in bar:
+                batch = {k: np.asarray(v) for k, v in next(it).items() if k != "positions_BT"}
+                if mesh is not None:
+                    batch = shard_batch(batch, mesh)
+                state, metrics = step_fn(state, batch)
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if evaluate is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                    metrics |= evaluate(state.params, step + 1)
+                history.append({"step": step + 1, **metrics})
+                if writer is not None:
+                    writer.write(step + 1, metrics)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+                if preempt.should_save(step + 1, cfg.steps, cfg.save_every):
+                    ckpt.save(step + 1, state, data=it.get_state(), extra={"next_step": step + 1})
+                preempt.exit_if_requested(ckpt)
+        finally:
+            ckpt.close()
             if writer is not None:
-                writer.write(step + 1, metrics)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-            done = step + 1 == cfg.steps
-            if stop["now"] or done or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-                ckpt.save(step + 1, state, data=it.get_state(), extra={"next_step": step + 1})
-            if stop["now"]:
-                break
-    finally:
-        ckpt.close()
-        signal.signal(signal.SIGTERM, previous)
-        if writer is not None:
-            writer.close()
+                writer.close()
     return state.params, history

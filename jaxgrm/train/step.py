@@ -68,7 +68,7 @@ def train_step(
 
     grads = jax.tree.map(lambda g: g / jnp.maximum(den, 1e-9), grads)
     loss = safe_divide(total, den)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # Zero the gradient before the optimizer sees it when it is not finite, so NaNs never reach
     # the moments; then keep the old params and optimizer state.
