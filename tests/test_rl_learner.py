@@ -99,3 +99,35 @@ def test_sigterm_saves_before_exiting(reference, tmp_path):
     done = max(m["step"] for m in _metrics(tmp_path))
     saved = sorted(int(p.name) for p in (tmp_path / "rl-both" / "checkpoints").iterdir())
     assert saved[-1] == done  # the step finished when the signal came is on disk
+
+
+def test_reference_policy_kl_is_logged_and_zero_at_the_start(tmp_path):
+    import dataclasses
+
+    from jaxgrm.data.world import WorldConfig, generate
+    from jaxgrm.model import ModelConfig, create_model
+    from jaxgrm.prompts import PromptConfig, TraceFormat, render_prompt_text
+    from jaxgrm.rl.learner import Learner, RLConfig
+    from jaxgrm.rl.losses import PolicyLossConfig
+    from jaxgrm.tokenizer import SentencePieceTokenizer
+
+    world = generate(WorldConfig(train_size=60, validation_size=8, random_size=8, longtail_size=8))
+    prompt = PromptConfig(
+        format=TraceFormat.LABEL_ONLY, criteria=False, instructions=False, doc_budget=32
+    )
+    texts = [render_prompt_text(ex, ex.doc, prompt) for ex in world["train"]]
+    tok = SentencePieceTokenizer.train(texts, vocab_size=400)
+    model = create_model(
+        ModelConfig.tiny(vocab_size=tok.vocab_size, d_model=64, n_layers=2, n_heads=2,
+                         n_kv_heads=1, head_dim=32, mlp_dim=128, max_seq_len=512)
+    )  # fmt: skip
+    cfg = RLConfig(
+        steps=2, prompts_per_step=2, group_size=2, max_new_tokens=4, prompt=prompt,
+        prompt_buckets=(128, 256), eval_every=0, save_every=0, sample_every=0,
+        loss=PolicyLossConfig(kl_coef=0.1),
+    )  # fmt: skip
+    learner = Learner(model, tok, world["train"], world["validation"], cfg, tmp_path)
+    first = learner.rl_step(0)
+    assert first["kl"] == 0.0  # the policy is the reference before any update
+    second = learner.rl_step(1)
+    assert second["kl"] >= 0.0 and dataclasses.is_dataclass(learner.state)

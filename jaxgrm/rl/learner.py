@@ -42,7 +42,9 @@ from jaxgrm.train.step import jit_train_step
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
     """prompts_per_step x group_size rollouts per step; each of `num_passes` passes splits them
-    into `minibatches` optimizer steps (mu = num_passes in GRPO terms)."""
+    into `minibatches` optimizer steps (mu = num_passes in GRPO terms). The learning-rate
+    schedule spans all optimizer updates, steps x num_passes x minibatches; `optim.total_steps`
+    is set from them (whatever the config says)."""
 
     steps: int = 100
     prompts_per_step: int = 16
@@ -95,15 +97,16 @@ class Learner:
         self.train, self.validation = list(train), list(validation)[: cfg.eval_examples]
         self.workdir = os.fspath(workdir)
         self.graphdef, params = nnx.split(model)
-        self.tx = make_optimizer(cfg.optim)
+        updates = cfg.steps * cfg.num_passes * cfg.minibatches
+        self.tx = make_optimizer(dataclasses.replace(cfg.optim, total_steps=updates))
         self.state = TrainState.create(params, self.tx, seed=cfg.seed)
         shardings = jax.tree.map(lambda x: x.sharding, self.state) if mesh is not None else None
         self.step_fn = jit_train_step(
             self.graphdef, PolicyGradient(cfg.loss), self.tx, cfg.accum_steps, shardings
         )
         self.ref_params = None
-        if cfg.loss.kl_coef > 0:  # a separate copy: the train step donates the live params
-            self.ref_params = jax.tree.map(lambda x: x.copy(), params)
+        if cfg.loss.kl_coef > 0:  # the initial weights; the train state holds its own copy
+            self.ref_params = params
             graphdef = self.graphdef
             self._ref_logp = jax.jit(
                 lambda p, tok, seg: token_logprobs(nnx.merge(graphdef, p), tok, seg)

@@ -28,6 +28,8 @@ EncodeFn = Callable[[RelevanceExample], tuple[list[int], list[int]]]
 
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
+    """One optimizer update per step; the schedule's `optim.total_steps` is set to `steps`."""
+
     steps: int = 500
     batch_size: int = 16
     max_len: int = 512
@@ -63,7 +65,7 @@ def run_sft(
     params and the metrics history. `evaluate(params, step)` runs every cfg.eval_every steps."""
     workdir = os.fspath(workdir)
     graphdef, params = nnx.split(model)
-    tx = make_optimizer(cfg.optim)
+    tx = make_optimizer(dataclasses.replace(cfg.optim, total_steps=cfg.steps))
     state = TrainState.create(params, tx, seed=cfg.seed)
     shardings = jax.tree.map(lambda x: x.sharding, state) if mesh is not None else None
     step_fn = jit_train_step(graphdef, CrossEntropy(), tx, cfg.accum_steps, shardings)
