@@ -11,7 +11,6 @@ import click
 _PENDING = {
     "sft": "warm-up supervised fine-tuning on teacher traces",
     "distill": "distil a trained model into a small student",
-    "score": "score query-document pairs from a JSONL file",
     "serve": "serve relevance scoring over HTTP",
 }
 
@@ -85,6 +84,54 @@ def import_hf(checkpoint: str):
 
     model = load_hf_checkpoint(checkpoint)
     click.echo(model.cfg)
+
+
+# ---- jaxgrm score ------------------------------------------------------------------------------
+@main.command()
+@click.option(
+    "--ckpt", required=True, type=click.Path(exists=True, file_okay=False),
+    help="A model bundle: config.json, model.safetensors, tokenizer, jaxgrm.json.",
+)  # fmt: skip
+@click.option(
+    "--input", "input_path", required=True, type=click.Path(exists=True, dir_okay=False),
+    help="JSONL pairs: query, doc; optional id, scale, doc_title, qid.",
+)  # fmt: skip
+@click.option(
+    "--output", required=True, type=click.Path(dir_okay=False),
+    help="JSONL scores, appended to: ids already there are skipped (resume).",
+)  # fmt: skip
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--trace", is_flag=True, help="Write each decoded response as `trace`.")
+@click.option(
+    "--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1),
+    help="Most response tokens decoded per pair (reasoning format).",
+)  # fmt: skip
+@click.option(
+    "--on-bad-row", type=click.Choice(["raise", "skip"]), default="raise", show_default=True,
+    help="Stop at malformed input rows, or skip them (reported, counted, listed in "
+    "OUTPUT.errors.jsonl).",
+)  # fmt: skip
+def score(ckpt, input_path, output, batch_size, trace, max_new_tokens, on_bad_row):
+    """Score query-document pairs: grade, grade distribution, expected grade (resumable)."""
+    from jaxgrm.bundle import load_bundle
+    from jaxgrm.score import GradeScorer, score_file
+
+    try:
+        bundle = load_bundle(ckpt)
+        scorer = GradeScorer(bundle, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        summary = score_file(
+            scorer, input_path, output, trace=trace, on_bad_row=on_bad_row,
+            log=lambda msg: click.echo(msg, err=True),
+        )  # fmt: skip
+    except (FileNotFoundError, ValueError) as err:  # bad rows, bundle and checkpoint errors
+        raise click.ClickException(str(err)) from None
+    bad = sum(summary.bad.values())
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(summary.bad.items()))
+    click.echo(
+        f"{summary.rows} rows: scored {summary.scored} ({summary.invalid} without a valid "
+        f"grade), {summary.already_done} already in {output}, {bad} bad"
+        + (f" ({reasons}; listed in {summary.errors_path})" if bad else "")
+    )
 
 
 # ---- jaxgrm data -------------------------------------------------------------------------------
