@@ -75,6 +75,12 @@ def test_rollouts_train_and_evaluate(reference):
     assert any(m["reward_std"] > 0 for m in train)
     assert any(abs(m["loss"]) > 0 for m in train)
     assert (reference / "rl-both" / "samples.log").exists()
+    # Each stage leaves a bundle that `jaxgrm score --ckpt` can load.
+    from jaxgrm.bundle import load_bundle
+
+    bundle = load_bundle(reference / "rl-both" / "bundle")
+    assert bundle.provenance["stage"] == "rl-both" and bundle.scale == "xhs5"
+    assert (reference / "sft" / "bundle" / "jaxgrm.json").exists()
     assert any((reference / "rl-both" / "tb").iterdir())
 
 

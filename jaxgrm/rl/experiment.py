@@ -15,6 +15,7 @@ import random
 import jax
 from flax import nnx
 
+from jaxgrm.bundle import save_bundle
 from jaxgrm.data.world import WorldConfig, generate, teacher_trace
 from jaxgrm.model import ModelConfig, create_model
 from jaxgrm.prompts import (
@@ -76,6 +77,13 @@ def _tokenizer(cfg: WorldRLExperiment, train, workdir: str):
     return tok
 
 
+def _save(model, tok, cfg: WorldRLExperiment, path: str, stage: str, step: int) -> None:
+    """The trained model as a bundle, ready for `jaxgrm score --ckpt path` (process 0 only)."""
+    if jax.process_index() == 0:
+        provenance = {"stage": stage, "step": step, "world_seed": cfg.world.seed}
+        save_bundle(model, tok, cfg.prompt, path, scale="xhs5", provenance=provenance)
+
+
 def run(cfg: WorldRLExperiment, workdir: str | os.PathLike) -> dict:
     """Run (or resume) the experiment; returns {mode: [metrics per logged step]}."""
     workdir = os.fspath(workdir)
@@ -100,6 +108,8 @@ def run(cfg: WorldRLExperiment, workdir: str | os.PathLike) -> dict:
     sft_dir = os.path.join(workdir, "sft")
     model = fresh_model()
     params, _ = run_sft(model, train, encode, cfg.sft, sft_dir)
+    nnx.update(model, params)
+    _save(model, tok, cfg, os.path.join(sft_dir, "bundle"), "sft", cfg.sft.steps)
     results = {}
     for mode in cfg.sam_modes:
         model = fresh_model()
@@ -108,7 +118,10 @@ def run(cfg: WorldRLExperiment, workdir: str | os.PathLike) -> dict:
             cfg.rl, advantage=dataclasses.replace(cfg.rl.advantage, sam=mode)
         )
         rl_dir = os.path.join(workdir, f"rl-{mode}")
-        Learner(model, tok, train, splits["validation"], rl_cfg, rl_dir).run()
+        learner = Learner(model, tok, train, splits["validation"], rl_cfg, rl_dir)
+        learner.run()
+        nnx.update(model, learner.state.params)
+        _save(model, tok, cfg, os.path.join(rl_dir, "bundle"), f"rl-{mode}", rl_cfg.steps)
         results[str(mode)] = read_metrics(rl_dir)  # the whole curve, also after a resume
         jax.clear_caches()
     with open(os.path.join(workdir, "results.json"), "w") as f:
