@@ -9,6 +9,7 @@ so do einsum strings and the `axes` of every weight:
     G traces per prompt                    P reasoning steps
 """
 
+from jaxgrm.bundle import load_bundle, save_bundle
 from jaxgrm.model import (
     Decoder,
     ModelConfig,
@@ -33,8 +34,10 @@ __all__ = [
     "Tokenizer",
     "__version__",
     "create_model",
+    "load_bundle",
     "load_hf_checkpoint",
     "load_tokenizer",
     "make_mesh",
+    "save_bundle",
     "save_hf_checkpoint",
 ]
