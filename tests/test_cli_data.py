@@ -1,11 +1,10 @@
 """`jaxgrm data list | build | stats` through click's CliRunner."""
 
-import importlib.util
 import json
 
 import pytest
 from click.testing import CliRunner
-from test_builders import SHARED, slice_crowdflower
+from test_builders import needs_shared, slice_crowdflower
 
 from jaxgrm.cli import main
 from jaxgrm.data.builders import BUILDERS
@@ -78,7 +77,7 @@ def test_bad_rows_raise_by_default_and_are_counted_with_skip(jsonl, tmp_path):
     assert "skipped 2 (missing_field: 1, out_of_scale_grade: 1)" in stats.output
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not here")
+@needs_shared
 def test_build_and_stats_of_a_real_set_slice(tmp_path):
     raw, data_dir = tmp_path / "raw", tmp_path / "data"
     raw.mkdir()
@@ -113,13 +112,6 @@ def test_usage_errors(tmp_path):
     assert result.exit_code == 1 and "missing dev.json" in result.output
 
 
-needs_world = pytest.mark.skipif(
-    importlib.util.find_spec("jaxgrm.data.builders.world") is None,
-    reason="the synthetic world is not here",
-)
-
-
-@needs_world
 def test_build_the_small_world_and_read_its_stats(tmp_path):
     result = run("build", "world", "--name", "small", "--data-dir", tmp_path)
     assert result.exit_code == 0 and "prepared at" in result.output, result.output
@@ -128,7 +120,6 @@ def test_build_the_small_world_and_read_its_stats(tmp_path):
     assert "rows_read" not in stats  # no build report: nothing is read from files
 
 
-@needs_world
 def test_stats_world_prints_the_world_report(monkeypatch):
     import jaxgrm.data.world as world
 
