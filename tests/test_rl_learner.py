@@ -74,6 +74,8 @@ def test_rollouts_train_and_evaluate(reference):
     # The label-only warm-up makes rewards vary, so the policy loss is not trivially zero.
     assert any(m["reward_std"] > 0 for m in train)
     assert any(abs(m["loss"]) > 0 for m in train)
+    # Prompts of varying length fall in the buckets: prefill + decode compiled once each.
+    assert {m["sampler_compiles"] for m in train} == {2.0}
     assert (reference / "rl-both" / "samples.log").exists()
     # Each stage leaves a bundle that `jaxgrm score --ckpt` can load.
     from jaxgrm.bundle import load_bundle

@@ -175,6 +175,7 @@ class Learner:
         out["accuracy"] = out["reward_mean"]
         out["rollout_s"], out["train_s"] = t_rollout, t_train
         out["tokens_per_s"] = float(r.mask_BM.sum()) / max(t_rollout + t_train, 1e-9)
+        out["sampler_compiles"] = float(self.sampler.num_compiles)  # bounded by the buckets
         if cfg.sample_every and step % cfg.sample_every == 0:
             self._last_samples = self._format_samples(r)
         return out
