@@ -9,9 +9,7 @@ from pathlib import Path
 import click
 
 _PENDING = {
-    "sft": "warm-up supervised fine-tuning on teacher traces",
     "distill": "distil a trained model into a small student",
-    "serve": "serve relevance scoring over HTTP",
 }
 
 
@@ -76,6 +74,40 @@ def rl(config_path: str, workdir: str, overrides: tuple[str, ...]):
             )
 
 
+# ---- jaxgrm sft --------------------------------------------------------------------------------
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option(
+    "--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False),
+    help="A Python file whose get_config() returns an SFTExperiment (experiments/configs/).",
+)  # fmt: skip
+@click.option("--workdir", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
+def sft(config_path: str, workdir: str, overrides: tuple[str, ...]):
+    """Warm-up supervised fine-tuning on teacher traces, resumable; ends in WORKDIR/bundle.
+
+    Trains on the world teacher's traces or on a trace JSONL (`traces` in the config), with
+    greedy validation every `sft.eval_every` steps. Extra arguments override config fields, e.g.
+    `-- --sft.steps 20` (`-- --help` lists them all). Rerunning with the same workdir resumes.
+    """
+    from jaxgrm.traces import SFTExperiment, run_sft_experiment
+
+    cfg = load_config(config_path, overrides)
+    if not isinstance(cfg, SFTExperiment):
+        raise click.BadParameter(
+            f"get_config() returned {type(cfg).__name__}, not an SFTExperiment",
+            param_hint="--config",
+        )
+    try:
+        out = run_sft_experiment(cfg, workdir)
+    except (FileNotFoundError, ValueError) as err:  # a missing or bad traces file
+        raise click.ClickException(str(err)) from None
+    click.echo(f"trained on {out['train']} traces; validation on {out['validation']} pairs")
+    last = next((h for h in reversed(out["history"]) if "val/accuracy" in h), None)
+    if last is not None:
+        click.echo(f"step {last['step']} validation accuracy {last['val/accuracy']:.3f}")
+    click.echo(f"bundle: {out['bundle']}")
+
+
 @main.command(name="import-hf")
 @click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
 def import_hf(checkpoint: str):
@@ -132,6 +164,49 @@ def score(ckpt, input_path, output, batch_size, trace, max_new_tokens, on_bad_ro
         f"grade), {summary.already_done} already in {output}, {bad} bad"
         + (f" ({reasons}; listed in {summary.errors_path})" if bad else "")
     )
+
+
+# ---- jaxgrm serve ------------------------------------------------------------------------------
+@main.command()
+@click.option(
+    "--ckpt", required=True, type=click.Path(exists=True, file_okay=False),
+    help="A model bundle: config.json, model.safetensors, tokenizer, jaxgrm.json.",
+)  # fmt: skip
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1),
+    help="Most response tokens decoded per pair (reasoning format).",
+)  # fmt: skip
+@click.option("--max-pairs", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Most pairs per request.")  # fmt: skip
+@click.option("--max-field-chars", default=20_000, show_default=True, type=click.IntRange(min=1),
+              help="Most characters of a query, doc or doc_title.")  # fmt: skip
+@click.option("--max-body-bytes", default=4 * 1024 * 1024, show_default=True,
+              type=click.IntRange(min=1), help="Largest request body.")  # fmt: skip
+def serve(ckpt, host, port, batch_size, max_new_tokens, max_pairs, max_field_chars,
+          max_body_bytes):  # fmt: skip
+    """Serve a bundle over HTTP: POST /score, a page at /, GET /healthz."""
+    from jaxgrm.bundle import load_bundle
+    from jaxgrm.score import GradeScorer
+    from jaxgrm.serve import ServeConfig, make_server
+
+    try:
+        scorer = GradeScorer(
+            load_bundle(ckpt), batch_size=batch_size, max_new_tokens=max_new_tokens
+        )
+        config = ServeConfig(max_pairs, max_field_chars, max_body_bytes)
+    except (FileNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    server = make_server(scorer, host, port, config)
+    click.echo(f"serving {ckpt} at http://{host}:{server.port}/ (Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 # ---- jaxgrm data -------------------------------------------------------------------------------

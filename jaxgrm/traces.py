@@ -1,0 +1,447 @@
+"""Teacher traces for SFT, and the SFT experiment (`jaxgrm sft`).
+
+Traces come from the synthetic world's rule teacher (`world_traces`) or from any model bundle
+through the sampler with rejection sampling (`model_traces`): G traces per pair, the first whose
+parsed grade equals the human grade is kept, and pairs with none are listed in the stats, never
+silently dropped. An imported HF checkpoint becomes a bundle with `jaxgrm.bundle.save_bundle`.
+
+A trace data set is JSONL, one `TraceRecord` per line: the RelevanceExample fields (its JSON form)
+plus
+
+    "trace":        the response text (tagged steps and answer), what SFT trains on
+    "steps_right":  {"step1": true, ...}: which steps are right (world teacher: known; model:
+                    the step verifiers' verdict, null where a step is unverifiable)
+    "provenance":   {"teacher": "world-teacher" or the bundle path, "checkpoint_step": int or
+                    null, "sampling": {temperature, top_k, top_p, samples_per_pair,
+                    max_new_tokens, seed} or null, "error_rate": float or null, ...}
+
+and `<path>.meta.json` holds {"records", "provenance", "stats"} (stats of a model teacher: the
+acceptance rate per grade and overall, and the pairs with no accepted trace).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from jaxgrm.data.schema import STEP_NAMES, RelevanceExample
+from jaxgrm.data.world import WorldConfig, generate, teacher_trace
+from jaxgrm.model import ModelConfig
+from jaxgrm.prompts import PromptConfig, TraceFormat, render_prompt, render_target
+from jaxgrm.sampling import DEFAULT_BUCKETS, Sampler, SamplingConfig
+from jaxgrm.train.sft import SFTConfig
+
+WORLD_TEACHER = "world-teacher"
+META_SUFFIX = ".meta.json"
+_RECORD_KEYS = ("trace", "steps_right", "provenance")
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceRecord:
+    """One teacher trace for one pair (see the module docstring for the JSON form)."""
+
+    example: RelevanceExample
+    trace: str
+    provenance: Mapping[str, Any]
+    steps_right: Mapping[str, bool | None] | None = None
+
+    def to_json(self) -> str:
+        row = dataclasses.asdict(self.example)
+        clash = set(row) & set(_RECORD_KEYS)
+        if clash:  # RelevanceExample has no such fields; guard against a schema change
+            raise ValueError(f"RelevanceExample fields {sorted(clash)} clash with trace fields")
+        row.update(trace=self.trace, steps_right=self.steps_right, provenance=self.provenance)
+        return json.dumps(row, ensure_ascii=False, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TraceRecord:
+        d = dict(d)
+        if not isinstance(d.get("trace"), str):
+            raise ValueError("a trace record needs a text field 'trace'")
+        trace, right, prov = d.pop("trace"), d.pop("steps_right", None), d.pop("provenance", {})
+        return cls(RelevanceExample.from_dict(d), trace, dict(prov or {}), right)
+
+    def to_example(self) -> RelevanceExample:
+        """The example with the trace in `meta["trace"]` (what `run_sft` targets read)."""
+        return dataclasses.replace(self.example, meta={**self.example.meta, "trace": self.trace})
+
+
+# ---- the world teacher -------------------------------------------------------------------------
+def world_traces(
+    examples: Sequence[RelevanceExample],
+    error_rate: float,
+    seed: int = 0,
+    prose: bool = True,
+    propagation: float = 0.5,
+) -> list[TraceRecord]:
+    """One world-teacher trace per example, every one kept (wrong steps included: the record
+    says which steps are right). Same (examples, error_rate, seed, prose) -> same traces."""
+    rng = random.Random(seed)
+    prov = {
+        "teacher": WORLD_TEACHER,
+        "checkpoint_step": None,
+        "sampling": None,
+        "error_rate": float(error_rate),
+        "propagation": float(propagation),
+        "prose": bool(prose),
+        "seed": int(seed),
+    }
+    out = []
+    for ex in examples:
+        text, right = teacher_trace(ex, rng, error_rate, propagation, prose=prose)
+        out.append(TraceRecord(ex, text, prov, dict(right)))
+    return out
+
+
+# ---- a model teacher, with rejection sampling --------------------------------------------------
+def _load(bundle) -> tuple[Any, str]:
+    from jaxgrm.bundle import Bundle, load_bundle
+
+    if isinstance(bundle, Bundle):
+        return bundle, str(bundle.provenance.get("path") or "bundle")
+    return load_bundle(bundle), os.fspath(bundle)
+
+
+def model_traces(
+    bundle,
+    examples: Sequence[RelevanceExample],
+    *,
+    samples_per_pair: int = 8,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 256,
+    seed: int = 0,
+    batch_size: int = 16,
+    prompt_buckets: tuple[int, ...] = DEFAULT_BUCKETS,
+    teacher: str | None = None,
+) -> tuple[list[TraceRecord], dict[str, Any]]:
+    """Traces from a model (a `Bundle` or a bundle directory) with rejection sampling.
+
+    G = samples_per_pair traces per pair, drawn in batches of `batch_size` pairs; the first
+    trace whose parsed grade equals the label is kept. Returns (records, stats): stats has
+    `pairs`, `accepted`, `acceptance_rate`, `sample_acceptance_rate` (over all G traces),
+    `invalid_rate` (traces without a grade), `per_grade` {grade: {pairs, accepted,
+    acceptance_rate}} and `rejected`: every pair with no accepted trace, as {index, qid, label}
+    (index into `examples`). `teacher` names the model in the provenance (default: the path).
+    """
+    from jaxgrm.rl.rollout import rollout
+
+    if samples_per_pair < 1 or batch_size < 1:
+        raise ValueError("samples_per_pair and batch_size must be >= 1")
+    bundle, where = _load(bundle)
+    tok, model = bundle.tokenizer, bundle.model
+    sampling = {
+        "temperature": float(temperature),
+        "top_k": int(top_k),
+        "top_p": float(top_p),
+        "samples_per_pair": int(samples_per_pair),
+        "max_new_tokens": int(max_new_tokens),
+        "seed": int(seed),
+    }
+    prov = {
+        "teacher": teacher or where,
+        "checkpoint_step": bundle.provenance.get("step"),
+        "checkpoint_stage": bundle.provenance.get("stage"),
+        "sampling": sampling,
+        "error_rate": None,
+    }
+    stop = (tok.eos_id, tok.token_id("</answer>"))
+    sampler = Sampler(
+        model,
+        SamplingConfig(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            num_samples=samples_per_pair, stop_ids=stop, pad_id=tok.pad_id,
+            prompt_buckets=prompt_buckets,
+        ),
+    )  # fmt: skip
+    from flax import nnx
+
+    params = nnx.state(model)
+    g = samples_per_pair
+    records, rejected = [], []
+    per_grade: dict[int, list[int]] = {}  # grade -> [pairs, accepted]
+    right_samples = invalid = 0
+    for b, start in enumerate(range(0, len(examples), batch_size)):
+        chunk = list(examples[start : start + batch_size])
+        prompts = [render_prompt(ex, tok, bundle.prompt_config).ids for ex in chunk]
+        r = rollout(
+            sampler, params, tok, chunk, prompts, jax.random.fold_in(jax.random.key(seed), b)
+        )
+        for i, ex in enumerate(chunk):
+            counts = per_grade.setdefault(ex.label, [0, 0])
+            counts[0] += 1
+            rows = range(i * g, (i + 1) * g)
+            right = [j for j in rows if r.parsed[j].grade == ex.label]
+            right_samples += len(right)
+            invalid += sum(r.parsed[j].grade is None for j in rows)
+            if not right:
+                rejected.append({"index": start + i, "qid": ex.qid, "label": ex.label})
+                continue
+            j = right[0]
+            counts[1] += 1
+            ids = r.tokens_BM[j][r.mask_BM[j]].tolist()
+            ids = [t for t in ids if t not in (tok.eos_id, tok.pad_id)]
+            verdicts = {
+                name: None if v < 0 else bool(v)
+                for name, v in zip(STEP_NAMES, r.verdicts_BP[j].tolist(), strict=True)
+            }
+            records.append(TraceRecord(ex, tok.decode(ids), prov, verdicts))
+    n = len(examples)
+    stats = {
+        "pairs": n,
+        "accepted": len(records),
+        "acceptance_rate": len(records) / max(n, 1),
+        "sample_acceptance_rate": right_samples / max(n * g, 1),
+        "invalid_rate": invalid / max(n * g, 1),
+        "per_grade": {
+            str(grade): {"pairs": p, "accepted": a, "acceptance_rate": a / p}
+            for grade, (p, a) in sorted(per_grade.items())
+        },
+        "rejected": rejected,
+    }
+    return records, stats
+
+
+# ---- the data set on disk ----------------------------------------------------------------------
+def _common_provenance(records: Sequence[TraceRecord]) -> Any:
+    seen: list = []
+    for rec in records:
+        if rec.provenance not in seen:
+            seen.append(dict(rec.provenance))
+    return seen[0] if len(seen) == 1 else seen
+
+
+def write_traces(
+    path: str | os.PathLike,
+    records: Sequence[TraceRecord],
+    stats: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write records as JSONL to `path` and {records, provenance, stats} to `path.meta.json`
+    (the provenance shared by all records, or the list of distinct ones)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(rec.to_json() + "\n")
+    os.replace(tmp, path)
+    meta = {"records": len(records), "provenance": _common_provenance(records), "stats": stats}
+    meta_path = path.with_name(path.name + META_SUFFIX)
+    meta_path.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def read_trace_records(path: str | os.PathLike) -> list[TraceRecord]:
+    """The records of a trace JSONL (ValueError naming the line when one is bad)."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(TraceRecord.from_dict(json.loads(line)))
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"{path}:{n}: bad trace record: {err}") from None
+    return out
+
+
+def read_traces(path: str | os.PathLike) -> list[RelevanceExample]:
+    """The examples of a trace JSONL with `meta["trace"]` set, ready for `run_sft`."""
+    return [rec.to_example() for rec in read_trace_records(path)]
+
+
+def read_trace_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """`path.meta.json` of a trace data set."""
+    path = Path(path)
+    return json.loads(path.with_name(path.name + META_SUFFIX).read_text(encoding="utf-8"))
+
+
+def _read_examples(path: str) -> list[RelevanceExample]:
+    """A JSONL of trace records or of plain RelevanceExample rows (labels are what counts)."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                for key in _RECORD_KEYS:
+                    row.pop(key, None)
+                out.append(RelevanceExample.from_dict(row))
+    return out
+
+
+# ---- the SFT experiment (`jaxgrm sft`) ---------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class SFTExperiment:
+    """SFT on teacher traces, with periodic greedy validation; ends in a bundle.
+
+    traces: a trace JSONL (write_traces) to train on; None: the world teacher's traces of
+    `world`'s train split (teacher_error_rate, default the world's; teacher_prose; teacher_seed),
+    also written to WORKDIR/traces.jsonl. validation: a JSONL of examples (or trace records) to
+    validate on; None: the world's validation split when training on the world, else none.
+    eval_examples / eval_max_new_tokens / eval_buckets: the greedy validation decode, run every
+    `sft.eval_every` steps. model.vocab_size is set from the tokenizer (trained on the first
+    `tokenizer_texts` examples, or read from WORKDIR/tokenizer.model when there).
+    """
+
+    world: WorldConfig = WorldConfig.small()
+    traces: str | None = None
+    validation: str | None = None
+    model: ModelConfig = ModelConfig.tiny()
+    vocab_size: int = 1024
+    tokenizer_texts: int = 3000
+    prompt: PromptConfig = PromptConfig(instructions=False, doc_budget=96)
+    sft: SFTConfig = SFTConfig()
+    teacher_error_rate: float | None = None
+    teacher_prose: bool = True
+    teacher_seed: int = 0
+    eval_examples: int = 300
+    eval_max_new_tokens: int = 96
+    eval_buckets: tuple[int, ...] = DEFAULT_BUCKETS
+
+
+def _train_and_validation(cfg: SFTExperiment, workdir: str):
+    if cfg.traces is not None:
+        train = read_traces(cfg.traces)
+        val = _read_examples(cfg.validation) if cfg.validation else []
+        return train, val, {"traces": os.path.abspath(cfg.traces)}
+    splits = generate(cfg.world)
+    error = (
+        cfg.world.teacher_error_rate if cfg.teacher_error_rate is None else cfg.teacher_error_rate
+    )
+    records = world_traces(
+        splits["train"], error, cfg.teacher_seed, cfg.teacher_prose, cfg.world.teacher_propagation
+    )
+    path = os.path.join(workdir, "traces.jsonl")
+    if jax.process_index() == 0 and not os.path.exists(path):
+        write_traces(path, records)
+    val = _read_examples(cfg.validation) if cfg.validation else splits["validation"]
+    return (
+        [rec.to_example() for rec in records],
+        val,
+        {"traces": WORLD_TEACHER, "world_seed": cfg.world.seed},
+    )
+
+
+def _tokenizer(cfg: SFTExperiment, train: Sequence[RelevanceExample], workdir: str):
+    from jaxgrm.prompts import render_prompt_text
+    from jaxgrm.tokenizer import SentencePieceTokenizer, load_tokenizer
+
+    path = os.path.join(workdir, "tokenizer.model")
+    if os.path.exists(path):
+        return load_tokenizer(path)
+    texts = []
+    for ex in train[: cfg.tokenizer_texts]:
+        block = f"{ex.doc_title}\n{ex.doc}" if ex.doc_title else ex.doc
+        texts += [render_prompt_text(ex, block, cfg.prompt), ex.meta["trace"]]
+    tok = SentencePieceTokenizer.train(texts, vocab_size=cfg.vocab_size)
+    if jax.process_index() == 0:
+        tok.save(path)
+    return tok
+
+
+def _validator(model, tok, val, cfg: SFTExperiment) -> Callable[[Any, int], dict] | None:
+    """evaluate(params, step) for run_sft: greedy decode, metrics per grade scale."""
+    from jaxgrm.rl.rollout import evaluate_policy
+
+    val = list(val)[: cfg.eval_examples]
+    if not val:
+        return None
+    stop = (tok.eos_id, tok.token_id("</answer>"))
+    greedy = Sampler(
+        model,
+        SamplingConfig(
+            max_new_tokens=cfg.eval_max_new_tokens, temperature=0.0, num_samples=1,
+            stop_ids=stop, pad_id=tok.pad_id, prompt_buckets=cfg.eval_buckets,
+        ),
+    )  # fmt: skip
+    by_scale: dict[str, list[RelevanceExample]] = {}
+    for ex in val:
+        by_scale.setdefault(ex.scale, []).append(ex)
+    prompts = {
+        s: [render_prompt(ex, tok, cfg.prompt).ids for ex in exs] for s, exs in by_scale.items()
+    }
+
+    def evaluate(params, step: int) -> dict:
+        out = {}
+        key = jax.random.fold_in(jax.random.key(cfg.sft.seed + 1), step)
+        for scale, exs in by_scale.items():
+            report = evaluate_policy(greedy, params, tok, exs, prompts[scale], key)
+            prefix = "val/" if len(by_scale) == 1 else f"val/{scale}/"
+            out |= {prefix + k: v for k, v in report.summary().items() if v is not None}
+        return out
+
+    return evaluate
+
+
+def run_sft_experiment(cfg: SFTExperiment, workdir: str | os.PathLike) -> dict[str, Any]:
+    """Run (or resume) SFT; writes WORKDIR/sft (checkpoints, metrics) and WORKDIR/bundle.
+    Returns {"bundle": path, "history": metrics per step, "train": examples trained on}."""
+    from flax import nnx
+
+    from jaxgrm.bundle import save_bundle
+    from jaxgrm.model import create_model
+    from jaxgrm.train.sft import response_encoder, run_sft
+
+    workdir = os.fspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    train, val, source = _train_and_validation(cfg, workdir)
+    if not train:
+        raise ValueError("no training traces")
+    tok = _tokenizer(cfg, train, workdir)
+    model = create_model(cfg.model.replace(vocab_size=tok.vocab_size), seed=cfg.sft.seed)
+
+    def target_ids(ex):  # the teacher's trace, or the grade alone for the label-only format
+        if cfg.prompt.format == TraceFormat.LABEL_ONLY:
+            return tok.encode(render_target(ex, cfg.prompt))
+        return tok.encode(ex.meta["trace"])
+
+    encode = response_encoder(
+        lambda ex: render_prompt(ex, tok, cfg.prompt).ids, target_ids, tok.eos_id
+    )
+    evaluate = _validator(model, tok, val, cfg) if cfg.sft.eval_every else None
+    params, history = run_sft(
+        model, train, encode, cfg.sft, os.path.join(workdir, "sft"), evaluate=evaluate
+    )
+    nnx.update(model, params)
+    path = os.path.join(workdir, "bundle")
+    if jax.process_index() == 0:
+        scales = {ex.scale for ex in train}
+        provenance = {"stage": "sft", "step": cfg.sft.steps, **source}
+        scale = scales.pop() if len(scales) == 1 else None
+        save_bundle(model, tok, cfg.prompt, path, scale=scale, provenance=provenance)
+    return {"bundle": path, "history": history, "train": len(train), "validation": len(val)}
+
+
+def acceptance_summary(stats: Mapping[str, Any]) -> str:
+    """One line per grade and overall, for logs."""
+    lines = [
+        f"grade {g}: {s['accepted']}/{s['pairs']} accepted ({s['acceptance_rate']:.1%})"
+        for g, s in stats["per_grade"].items()
+    ]
+    lines.append(
+        f"all: {stats['accepted']}/{stats['pairs']} ({stats['acceptance_rate']:.1%}); "
+        f"{len(stats['rejected'])} pairs without an accepted trace"
+    )
+    return "\n".join(lines)
+
+
+__all__ = [
+    "SFTExperiment",
+    "TraceRecord",
+    "acceptance_summary",
+    "model_traces",
+    "read_trace_meta",
+    "read_trace_records",
+    "read_traces",
+    "run_sft_experiment",
+    "world_traces",
+    "write_traces",
+]
