@@ -330,18 +330,25 @@ def _train_and_validation(cfg: SFTExperiment, workdir: str):
     )
 
 
-def _tokenizer(cfg: SFTExperiment, train: Sequence[RelevanceExample], workdir: str):
+def trace_tokenizer(
+    examples: Sequence[RelevanceExample],
+    prompt: PromptConfig,
+    vocab_size: int,
+    num_texts: int,
+    path: str,
+):
+    """The tokenizer at `path`, or a SentencePiece model trained on the rendered prompts and
+    traces (`meta["trace"]`) of the first `num_texts` examples and saved there."""
     from jaxgrm.prompts import render_prompt_text
     from jaxgrm.tokenizer import SentencePieceTokenizer, load_tokenizer
 
-    path = os.path.join(workdir, "tokenizer.model")
     if os.path.exists(path):
         return load_tokenizer(path)
     texts = []
-    for ex in train[: cfg.tokenizer_texts]:
+    for ex in examples[:num_texts]:
         block = f"{ex.doc_title}\n{ex.doc}" if ex.doc_title else ex.doc
-        texts += [render_prompt_text(ex, block, cfg.prompt), ex.meta["trace"]]
-    tok = SentencePieceTokenizer.train(texts, vocab_size=cfg.vocab_size)
+        texts += [render_prompt_text(ex, block, prompt), ex.meta["trace"]]
+    tok = SentencePieceTokenizer.train(texts, vocab_size=vocab_size)
     if jax.process_index() == 0:
         tok.save(path)
     return tok
@@ -395,7 +402,13 @@ def run_sft_experiment(cfg: SFTExperiment, workdir: str | os.PathLike) -> dict[s
     train, val, source = _train_and_validation(cfg, workdir)
     if not train:
         raise ValueError("no training traces")
-    tok = _tokenizer(cfg, train, workdir)
+    tok = trace_tokenizer(
+        train,
+        cfg.prompt,
+        cfg.vocab_size,
+        cfg.tokenizer_texts,
+        os.path.join(workdir, "tokenizer.model"),
+    )
     model = create_model(cfg.model.replace(vocab_size=tok.vocab_size), seed=cfg.sft.seed)
 
     def target_ids(ex):  # the teacher's trace, or the grade alone for the label-only format

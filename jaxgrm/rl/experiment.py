@@ -10,24 +10,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
 
 import jax
 from flax import nnx
 
 from jaxgrm.bundle import save_bundle
-from jaxgrm.data.world import WorldConfig, generate, teacher_trace
+from jaxgrm.data.world import WorldConfig, generate
 from jaxgrm.model import ModelConfig, create_model
 from jaxgrm.prompts import (
     PromptConfig,
     TraceFormat,
     render_prompt,
-    render_prompt_text,
     render_target,
 )
 from jaxgrm.rl.advantages import SamMode
 from jaxgrm.rl.learner import Learner, RLConfig
-from jaxgrm.tokenizer import SentencePieceTokenizer, load_tokenizer
+from jaxgrm.traces import trace_tokenizer, world_traces
 from jaxgrm.train.metrics import read_metrics
 from jaxgrm.train.sft import SFTConfig, response_encoder, run_sft
 
@@ -49,34 +47,6 @@ class WorldRLExperiment:
     teacher_prose: bool = True
 
 
-def _with_traces(examples, cfg: WorldRLExperiment):
-    rng = random.Random(cfg.teacher_seed)
-    error = cfg.world.teacher_error_rate
-    return [
-        dataclasses.replace(
-            ex,
-            meta={
-                **ex.meta,
-                "trace": teacher_trace(ex, rng, error, prose=cfg.teacher_prose)[0],
-            },
-        )
-        for ex in examples
-    ]
-
-
-def _tokenizer(cfg: WorldRLExperiment, train, workdir: str):
-    path = os.path.join(workdir, "tokenizer.model")
-    if os.path.exists(path):
-        return load_tokenizer(path)
-    texts = []
-    for ex in train[: cfg.tokenizer_texts]:
-        texts.append(render_prompt_text(ex, f"{ex.doc_title}\n{ex.doc}", cfg.prompt))
-        texts.append(ex.meta["trace"])
-    tok = SentencePieceTokenizer.train(texts, vocab_size=cfg.vocab_size)
-    tok.save(path)
-    return tok
-
-
 def _save(model, tok, cfg: WorldRLExperiment, path: str, stage: str, step: int) -> None:
     """The trained model as a bundle, ready for `jaxgrm score --ckpt path` (process 0 only)."""
     if jax.process_index() == 0:
@@ -89,8 +59,18 @@ def run(cfg: WorldRLExperiment, workdir: str | os.PathLike) -> dict:
     workdir = os.fspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     splits = generate(cfg.world)
-    train = _with_traces(splits["train"], cfg)
-    tok = _tokenizer(cfg, train, workdir)
+    records = world_traces(
+        splits["train"], cfg.world.teacher_error_rate, seed=cfg.teacher_seed,
+        prose=cfg.teacher_prose,
+    )  # fmt: skip
+    train = [r.to_example() for r in records]
+    tok = trace_tokenizer(
+        train,
+        cfg.prompt,
+        cfg.vocab_size,
+        cfg.tokenizer_texts,
+        os.path.join(workdir, "tokenizer.model"),
+    )
     model_cfg = cfg.model.replace(vocab_size=tok.vocab_size)
 
     def fresh_model():
