@@ -1,4 +1,4 @@
-"""The `jaxgrm` command. Subcommands of later stages say so plainly until they are built."""
+"""The `jaxgrm` command: data, sft, rl, distill, score, serve, demo, import-hf."""
 
 from __future__ import annotations
 
@@ -7,10 +7,6 @@ import time
 from pathlib import Path
 
 import click
-
-_PENDING = {
-    "distill": "distil a trained model into a small student",
-}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -106,6 +102,47 @@ def sft(config_path: str, workdir: str, overrides: tuple[str, ...]):
     if last is not None:
         click.echo(f"step {last['step']} validation accuracy {last['val/accuracy']:.3f}")
     click.echo(f"bundle: {out['bundle']}")
+
+
+# ---- jaxgrm distill ----------------------------------------------------------------------------
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option(
+    "--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False),
+    help="A Python file whose get_config() returns a DistillExperiment (experiments/configs/).",
+)  # fmt: skip
+@click.option("--workdir", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
+def distill(config_path: str, workdir: str, overrides: tuple[str, ...]):
+    """Distil a teacher bundle into a smaller student; ends in WORKDIR/bundle and report.json.
+
+    `mode` sequence: SFT on the teacher's traces (rejection against the labels); logit:
+    token-level KD on teacher-forced sequences. The report compares teacher and student on the
+    same validation pairs (greedy metrics, pairs/s). Extra arguments override config fields,
+    e.g. `-- --mode LOGIT --sft.steps 20` (`-- --help` lists them all). Rerunning resumes.
+    """
+    from jaxgrm.distill_run import DistillExperiment, run_distill_experiment
+
+    cfg = load_config(config_path, overrides)
+    if not isinstance(cfg, DistillExperiment):
+        raise click.BadParameter(
+            f"get_config() returned {type(cfg).__name__}, not a DistillExperiment",
+            param_hint="--config",
+        )
+    try:
+        out = run_distill_experiment(cfg, workdir)
+    except (FileNotFoundError, ValueError) as err:  # a missing or bad bundle, no targets
+        raise click.ClickException(str(err)) from None
+    click.echo(f"{out['mode']} distillation on {out['train_pairs']} pairs")
+    for who in ("teacher", "student"):
+        sys_ = out[who]
+        acc = ", ".join(f"{s} {m['accuracy']:.3f}" for s, m in sys_["metrics"].items())
+        click.echo(
+            f"{who}: {sys_['params']:,} params, accuracy {acc}, {sys_['pairs_per_s']:.1f} pairs/s"
+        )
+    if out["speedup"] is not None:
+        click.echo(f"speed-up: {out['speedup']:.2f}x")
+    click.echo(f"bundle: {out['bundle']}")
+    click.echo(f"report: {Path(workdir) / 'report.json'}")
 
 
 @main.command(name="import-hf")
@@ -368,18 +405,6 @@ def _builder_class(name: str):
         return builder_class(name)
     except ImportError as err:
         raise click.ClickException(f"the {name} builder is not available: {err}") from None
-
-
-def _pending(name: str, summary: str):
-    @main.command(name=name, help=f"{summary[0].upper()}{summary[1:]} (not built yet).")
-    def command():
-        raise click.ClickException(f"`jaxgrm {name}` ({summary}) is not built yet.")
-
-    return command
-
-
-for _name, _summary in _PENDING.items():
-    _pending(_name, _summary)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,6 @@ def test_help_lists_subcommands():
         assert f"  {name} " in result.output
 
 
-def test_unbuilt_subcommand_fails_loudly():
-    result = CliRunner().invoke(main, ["distill"])
-    assert result.exit_code != 0
-    assert "not built yet" in result.output
-
-
 def test_demo_runs_end_to_end(capsys):
     from jaxgrm.demo import run_demo
 

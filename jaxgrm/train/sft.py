@@ -60,15 +60,22 @@ def run_sft(
     workdir: str | os.PathLike,
     mesh=None,
     evaluate: Callable[[nnx.State, int], dict] | None = None,
+    objective=None,
+    batch_hook: Callable[[dict], dict] | None = None,
+    desc: str = "sft",
 ) -> tuple[nnx.State, list[dict]]:
     """Train `model` on `examples`; resumes from workdir's newest checkpoint. Returns the final
-    params and the metrics history. `evaluate(params, step)` runs every cfg.eval_every steps."""
+    params and the metrics history. `evaluate(params, step)` runs every cfg.eval_every steps.
+
+    `objective` defaults to masked cross-entropy (`CrossEntropy()`); `batch_hook(batch) ->
+    batch` adds whatever else the objective reads (logit distillation: the teacher's logits)."""
     workdir = os.fspath(workdir)
     graphdef, params = nnx.split(model)
     tx = make_optimizer(dataclasses.replace(cfg.optim, total_steps=cfg.steps))
     state = TrainState.create(params, tx, seed=cfg.seed)
     shardings = jax.tree.map(lambda x: x.sharding, state) if mesh is not None else None
-    step_fn = jit_train_step(graphdef, CrossEntropy(), tx, cfg.accum_steps, shardings)
+    objective = CrossEntropy() if objective is None else objective
+    step_fn = jit_train_step(graphdef, objective, tx, cfg.accum_steps, shardings)
     shard = None
     if jax.process_count() > 1:
         import grain
@@ -94,9 +101,11 @@ def run_sft(
     history = []
     with Preemption() as preempt:
         try:
-            bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="sft")
+            bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=desc)
             for step in bar:
                 batch = {k: np.asarray(v) for k, v in next(it).items() if k != "positions_BT"}
+                if batch_hook is not None:
+                    batch = batch_hook(batch)
                 if mesh is not None:
                     batch = shard_batch(batch, mesh)
                 state, metrics = step_fn(state, batch)
