@@ -26,8 +26,11 @@ def demo(steps: int, seed: int, samples: int):
     run_demo(steps=steps, seed=seed, num_samples=samples)
 
 
-def load_config(path: str, overrides: tuple[str, ...] = ()):
-    """`get_config()` of a Python config file, with tyro-style overrides (`--rl.steps 10`)."""
+def load_config(
+    path: str, overrides: tuple[str, ...] = (), expected: type | None = None, what: str = ""
+):
+    """`get_config()` of a Python config file, with tyro-style overrides (`--rl.steps 10`);
+    a usage error if it returns something other than an `expected` instance."""
     import importlib.util
 
     import tyro
@@ -40,27 +43,45 @@ def load_config(path: str, overrides: tuple[str, ...] = ()):
     if not hasattr(module, "get_config"):
         raise click.BadParameter(f"{path} defines no get_config()", param_hint="--config")
     cfg = module.get_config()
+    if expected is not None and not isinstance(cfg, expected):
+        raise click.BadParameter(
+            f"get_config() returned {type(cfg).__name__}, not {what or expected.__name__}",
+            param_hint="--config",
+        )
     if overrides:
-        cfg = tyro.cli(type(cfg), default=cfg, args=list(overrides), prog="jaxgrm rl --config ...")
+        prog = f"jaxgrm {click.get_current_context().info_name} --config {path} --"
+        cfg = tyro.cli(type(cfg), default=cfg, args=list(overrides), prog=prog)
     return cfg
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.option(
-    "--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False),
-    help="A Python file whose get_config() returns the experiment (experiments/configs/).",
-)  # fmt: skip
-@click.option("--workdir", required=True, type=click.Path(file_okay=False), help="Run directory.")
-@click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
+def experiment_command(what: str):
+    """A subcommand taking --config FILE, --workdir DIR and tyro overrides after `--`."""
+
+    def decorate(fn):
+        fn = click.argument("overrides", nargs=-1, type=click.UNPROCESSED)(fn)
+        fn = click.option(
+            "--workdir", required=True, type=click.Path(file_okay=False), help="Run directory."
+        )(fn)
+        fn = click.option(
+            "--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False),
+            help=f"A Python file whose get_config() returns {what} (experiments/configs/).",
+        )(fn)  # fmt: skip
+        context = {"ignore_unknown_options": True, "allow_extra_args": True}
+        return main.command(context_settings=context)(fn)
+
+    return decorate
+
+
+@experiment_command("a WorldRLExperiment")
 def rl(config_path: str, workdir: str, overrides: tuple[str, ...]):
     """GRPO with stepwise advantage masking, from an SFT warm-up, resumable.
 
     Extra arguments override config fields, e.g. `-- --rl.steps 20 --rl.loss.kl-coef 0.01`
     (`-- --help` lists them all). Rerunning with the same workdir resumes.
     """
-    from jaxgrm.rl.experiment import run
+    from jaxgrm.rl.experiment import WorldRLExperiment, run
 
-    cfg = load_config(config_path, overrides)
+    cfg = load_config(config_path, overrides, WorldRLExperiment, "a WorldRLExperiment")
     results = run(cfg, workdir)
     for mode, history in results.items():
         last = next((h for h in reversed(history) if "val/accuracy" in h), None)
@@ -71,13 +92,7 @@ def rl(config_path: str, workdir: str, overrides: tuple[str, ...]):
 
 
 # ---- jaxgrm sft --------------------------------------------------------------------------------
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.option(
-    "--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False),
-    help="A Python file whose get_config() returns an SFTExperiment (experiments/configs/).",
-)  # fmt: skip
-@click.option("--workdir", required=True, type=click.Path(file_okay=False), help="Run directory.")
-@click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
+@experiment_command("an SFTExperiment")
 def sft(config_path: str, workdir: str, overrides: tuple[str, ...]):
     """Warm-up supervised fine-tuning on teacher traces, resumable; ends in WORKDIR/bundle.
 
@@ -87,12 +102,7 @@ def sft(config_path: str, workdir: str, overrides: tuple[str, ...]):
     """
     from jaxgrm.traces import SFTExperiment, run_sft_experiment
 
-    cfg = load_config(config_path, overrides)
-    if not isinstance(cfg, SFTExperiment):
-        raise click.BadParameter(
-            f"get_config() returned {type(cfg).__name__}, not an SFTExperiment",
-            param_hint="--config",
-        )
+    cfg = load_config(config_path, overrides, SFTExperiment, "an SFTExperiment")
     try:
         out = run_sft_experiment(cfg, workdir)
     except (FileNotFoundError, ValueError) as err:  # a missing or bad traces file
@@ -105,13 +115,7 @@ def sft(config_path: str, workdir: str, overrides: tuple[str, ...]):
 
 
 # ---- jaxgrm distill ----------------------------------------------------------------------------
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.option(
-    "--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False),
-    help="A Python file whose get_config() returns a DistillExperiment (experiments/configs/).",
-)  # fmt: skip
-@click.option("--workdir", required=True, type=click.Path(file_okay=False), help="Run directory.")
-@click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
+@experiment_command("a DistillExperiment")
 def distill(config_path: str, workdir: str, overrides: tuple[str, ...]):
     """Distil a teacher bundle into a smaller student; ends in WORKDIR/bundle and report.json.
 
@@ -122,12 +126,7 @@ def distill(config_path: str, workdir: str, overrides: tuple[str, ...]):
     """
     from jaxgrm.distill_run import DistillExperiment, run_distill_experiment
 
-    cfg = load_config(config_path, overrides)
-    if not isinstance(cfg, DistillExperiment):
-        raise click.BadParameter(
-            f"get_config() returned {type(cfg).__name__}, not a DistillExperiment",
-            param_hint="--config",
-        )
+    cfg = load_config(config_path, overrides, DistillExperiment, "a DistillExperiment")
     try:
         out = run_distill_experiment(cfg, workdir)
     except (FileNotFoundError, ValueError) as err:  # a missing or bad bundle, no targets
