@@ -243,7 +243,12 @@ class Sampler:
         if min(lengths) == 0:
             raise ValueError(f"prompt {lengths.index(0)} is empty; every prompt needs a token")
         cfg = self.config
+        # A bucket past the model's room shrinks to the room when the prompts still fit (one
+        # more shape, at most, instead of an error for prompts that can be sampled).
+        room = self.model_cfg.max_seq_len - cfg.max_new_tokens
         bucket = cfg.bucket(max(lengths))
+        if bucket > room >= max(lengths):
+            bucket = room
         total = bucket + cfg.max_new_tokens
         if total > self.model_cfg.max_seq_len:
             raise ValueError(

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,87 @@ def world_traces(
     for ex in examples:
         text, right = teacher_trace(ex, rng, error_rate, propagation, prose=prose)
         out.append(TraceRecord(ex, text, prov, dict(right)))
+    return out
+
+
+# ---- a rule teacher for real data --------------------------------------------------------------
+LABEL_TEACHER = "label-rule-teacher"
+_STOPWORDS = frozenset(
+    {"a", "an", "and", "are", "as", "at", "be", "by", "for", "from", "how", "in", "is", "it", "of",
+     "on", "or", "the", "to", "what", "when", "where", "which", "who", "why", "with", "without",
+     "vs"}
+)  # fmt: skip
+_WORD_RE = re.compile(r"[^\W_]+")
+_CJK_RUN_RE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
+
+
+def query_terms(query: str, max_terms: int = 5) -> list[str]:
+    """Key terms of a query: its words without stop words (Latin script), or two-character
+    pieces of its CJK runs (Chinese has no spaces); distinct, in query order, at most
+    `max_terms` (the last ones kept: the head noun of a product query comes last)."""
+    from jaxgrm.rewards import normalize
+
+    text = normalize(query)
+    terms = []
+    for word in _WORD_RE.findall(text):
+        runs = _CJK_RUN_RE.findall(word)
+        if runs:
+            terms += [r[i : i + 2] for r in runs for i in range(0, len(r), 2)]
+        elif word not in _STOPWORDS and (len(word) > 1 or word.isdigit()):
+            terms.append(word)
+    terms = list(dict.fromkeys(terms))
+    return terms[-max_terms:]
+
+
+def label_trace(example: RelevanceExample) -> tuple[str, dict[str, bool]]:
+    """A reasoning trace for a real pair that is right by construction under the real-data step
+    verifiers (rewards.py): step1 names query terms (a subject and the other terms as
+    constraints), step2 which of them occur in the document, step3 a rule of the scale's criteria
+    whose bound holds for the human grade (the rule's coverage matches step2 where it can),
+    then the human grade. The grade is an input: this teacher rationalises a known label, it
+    does not predict one (method.md: real data has grades, not step truth)."""
+    from jaxgrm.prompts import criteria_for, format_trace
+    from jaxgrm.rewards import bound_holds, contains, parse_bound
+
+    terms = query_terms(example.query) or [example.query.strip()]
+    doc = f"{example.doc_title}\n{example.doc}"
+    present = [t for t in terms if contains(doc, t)]
+    absent = [t for t in terms if t not in present]
+    rules = []
+    for line in criteria_for(example):
+        name, _, bound = line.partition("-> bound:")
+        parsed = parse_bound(bound)
+        if parsed is not None and bound_holds(parsed, example.label):
+            rules.append((name.split(":")[0].strip(), bound.strip()))
+    if not rules:  # a scale without criteria: state the grade itself
+        rules = [("grade", f"= {example.label}")]
+    # No term present: the first (lowest) rule that holds; all present: the last; else between.
+    pick = 0 if not present else len(rules) - 1 if not absent else min(1, len(rules) - 1)
+    rule, bound = rules[pick]
+    # Subject: the first CJK piece (Chinese puts the topic first), else the last word without
+    # digits (the head noun of "cordless drill 18v"); the other terms are constraints.
+    cjk = [t for t in terms if _CJK_RUN_RE.fullmatch(t)]
+    words = [t for t in terms if not any(c.isdigit() for c in t)]
+    subject = cjk[0] if cjk else words[-1] if words else terms[-1]
+    steps = {
+        "step1": {
+            "subject": subject,
+            "constraints": [t for t in terms if t != subject],
+            "intent": "find",
+        },
+        "step2": {"present": present, "absent": absent},
+        "step3": {"rule": rule, "bound": bound},
+    }
+    return format_trace(steps, example.label), dict.fromkeys(STEP_NAMES, True)
+
+
+def label_traces(examples: Sequence[RelevanceExample]) -> list[TraceRecord]:
+    """One `label_trace` per example (needs the human grade), all kept."""
+    prov = {"teacher": LABEL_TEACHER, "checkpoint_step": None, "sampling": None}
+    out = []
+    for ex in examples:
+        text, right = label_trace(ex)
+        out.append(TraceRecord(ex, text, prov, right))
     return out
 
 
@@ -354,35 +436,44 @@ def trace_tokenizer(
     return tok
 
 
-def _validator(model, tok, val, cfg: SFTExperiment) -> Callable[[Any, int], dict] | None:
-    """evaluate(params, step) for run_sft: greedy decode, metrics per grade scale."""
+def greedy_evaluator(
+    model,
+    tok,
+    prompt: PromptConfig,
+    examples: Sequence[RelevanceExample],
+    max_new_tokens: int,
+    buckets: Sequence[int] = DEFAULT_BUCKETS,
+    seed: int = 0,
+    prefix: str = "val/",
+) -> Callable[[Any, int], dict] | None:
+    """evaluate(params, step) -> {prefix + metric: value}: greedy decoding of `examples` with
+    `model`'s graph and the given params, metrics per grade scale (`prefix + scale + "/"` when
+    there are several). None when there are no examples. For run_sft's `evaluate`."""
     from jaxgrm.rl.rollout import evaluate_policy
 
-    val = list(val)[: cfg.eval_examples]
-    if not val:
+    examples = list(examples)
+    if not examples:
         return None
     stop = (tok.eos_id, tok.token_id("</answer>"))
     greedy = Sampler(
         model,
         SamplingConfig(
-            max_new_tokens=cfg.eval_max_new_tokens, temperature=0.0, num_samples=1,
-            stop_ids=stop, pad_id=tok.pad_id, prompt_buckets=cfg.eval_buckets,
+            max_new_tokens=max_new_tokens, temperature=0.0, num_samples=1,
+            stop_ids=stop, pad_id=tok.pad_id, prompt_buckets=tuple(buckets),
         ),
     )  # fmt: skip
     by_scale: dict[str, list[RelevanceExample]] = {}
-    for ex in val:
+    for ex in examples:
         by_scale.setdefault(ex.scale, []).append(ex)
-    prompts = {
-        s: [render_prompt(ex, tok, cfg.prompt).ids for ex in exs] for s, exs in by_scale.items()
-    }
+    prompts = {s: [render_prompt(ex, tok, prompt).ids for ex in exs] for s, exs in by_scale.items()}
 
     def evaluate(params, step: int) -> dict:
         out = {}
-        key = jax.random.fold_in(jax.random.key(cfg.sft.seed + 1), step)
+        key = jax.random.fold_in(jax.random.key(seed + 1), step)
         for scale, exs in by_scale.items():
             report = evaluate_policy(greedy, params, tok, exs, prompts[scale], key)
-            prefix = "val/" if len(by_scale) == 1 else f"val/{scale}/"
-            out |= {prefix + k: v for k, v in report.summary().items() if v is not None}
+            p = prefix if len(by_scale) == 1 else f"{prefix}{scale}/"
+            out |= {p + k: v for k, v in report.summary().items() if v is not None}
         return out
 
     return evaluate
@@ -419,7 +510,12 @@ def run_sft_experiment(cfg: SFTExperiment, workdir: str | os.PathLike) -> dict[s
     encode = response_encoder(
         lambda ex: render_prompt(ex, tok, cfg.prompt).ids, target_ids, tok.eos_id
     )
-    evaluate = _validator(model, tok, val, cfg) if cfg.sft.eval_every else None
+    evaluate = None
+    if cfg.sft.eval_every:
+        evaluate = greedy_evaluator(
+            model, tok, cfg.prompt, val[: cfg.eval_examples], cfg.eval_max_new_tokens,
+            cfg.eval_buckets, cfg.sft.seed,
+        )  # fmt: skip
     params, history = run_sft(
         model, train, encode, cfg.sft, os.path.join(workdir, "sft"), evaluate=evaluate
     )
@@ -450,7 +546,11 @@ __all__ = [
     "SFTExperiment",
     "TraceRecord",
     "acceptance_summary",
+    "greedy_evaluator",
+    "label_trace",
+    "label_traces",
     "model_traces",
+    "query_terms",
     "read_trace_meta",
     "read_trace_records",
     "read_traces",
