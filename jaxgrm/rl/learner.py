@@ -8,6 +8,16 @@ call, which does not recompile. A reference model is kept only when kl_coef > 0.
 Resume is exact: the prompts of a step and the sampler key are pure functions of (seed, step),
 so the checkpoint holds only the train state, the step and the RNG key. SIGTERM finishes the
 current step, saves and exits.
+
+Compilations are logged every step as cumulative counts, so metrics.jsonl shows when one happens.
+`compiles/*` are XLA compilations, counted through `jax.monitoring` (one backend-compile event
+per compilation; a jit cache hit records none) and attributed by function name and by phase:
+`sampler` (prefill + decode of the rollout sampler), `eval` (the greedy validation sampler, a
+separate instance), `train_step`, `ref_logp` (only with a reference policy) and `xla` (every
+compilation in the process since the learner was built, eager ops included). `traces/*` count
+the traces of the same functions with Python counters bumped while tracing. A retrace always
+compiles, but a compile can reuse a trace: the first call with uncommitted initial weights and a
+later one with the train step's (committed) outputs trace once and compile twice.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ import dataclasses
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Sequence
 
 import jax
@@ -37,6 +48,37 @@ from jaxgrm.train.metrics import MetricsWriter
 from jaxgrm.train.objectives import PolicyGradient, token_logprobs
 from jaxgrm.train.state import OptimConfig, TrainState, make_optimizer
 from jaxgrm.train.step import jit_train_step
+
+# jax records this duration event once per XLA compilation, with the jitted function's name as
+# `fun_name` ("jit(train_step)"); see jax._src.dispatch.BACKEND_COMPILE_EVENT. A persistent-cache
+# hit records it too; an in-memory jit cache hit does not.
+_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_XLA_COMPILES: Counter[str] = Counter()  # process-wide, by fun_name
+_LISTENING = [False]
+
+
+def _count_xla_compile(event: str, duration_secs: float, **kwargs) -> None:
+    if event == _BACKEND_COMPILE_EVENT:
+        _XLA_COMPILES[str(kwargs.get("fun_name", ""))] += 1
+
+
+def xla_compiles() -> Counter[str]:
+    """A snapshot of the XLA compilations in this process by function name, counted from the
+    first call (which registers the jax.monitoring listener)."""
+    if not _LISTENING[0]:
+        jax.monitoring.register_event_duration_secs_listener(_count_xla_compile)
+        _LISTENING[0] = True
+    return Counter(_XLA_COMPILES)
+
+
+def _compiles_of(since: Counter[str], names: Sequence[str]) -> int:
+    """Compilations of the functions called `names` since the snapshot `since`."""
+    now = xla_compiles()
+    keys = {k for n in names for k in (n, f"jit({n})")}
+    return sum(now[k] - since[k] for k in keys)
+
+
+_SAMPLER_FNS = ("_prefill_impl", "_decode_impl")  # Sampler's jitted functions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,23 +136,32 @@ class Learner:
         mesh=None,
     ):
         self.cfg, self.tokenizer, self.mesh = cfg, tokenizer, mesh
+        self._xla_at_start = xla_compiles()
+        self._xla = Counter()  # compilations per counted function, attributed by phase
         self.train, self.validation = list(train), list(validation)[: cfg.eval_examples]
         self.workdir = os.fspath(workdir)
         self.graphdef, params = nnx.split(model)
         updates = cfg.steps * cfg.num_passes * cfg.minibatches
         self.tx = make_optimizer(dataclasses.replace(cfg.optim, total_steps=updates))
         self.state = TrainState.create(params, self.tx, seed=cfg.seed)
+        if mesh is None:  # commit the state to its device now: the train step's outputs are
+            # committed, and an uncommitted first input would compile every function twice
+            self.state = jax.device_put(self.state, jax.devices()[0])
         shardings = jax.tree.map(lambda x: x.sharding, self.state) if mesh is not None else None
         self.step_fn = jit_train_step(
             self.graphdef, PolicyGradient(cfg.loss), self.tx, cfg.accum_steps, shardings
         )
         self.ref_params = None
+        self._ref_logp_traces = [0]
         if cfg.loss.kl_coef > 0:  # the initial weights; the train state holds its own copy
             self.ref_params = params
-            graphdef = self.graphdef
-            self._ref_logp = jax.jit(
-                lambda p, tok, seg: token_logprobs(nnx.merge(graphdef, p), tok, seg)
-            )
+            graphdef, traces = self.graphdef, self._ref_logp_traces
+
+            def ref_logp(p, tok, seg):
+                traces[0] += 1  # runs only while tracing
+                return token_logprobs(nnx.merge(graphdef, p), tok, seg)
+
+            self._ref_logp = jax.jit(ref_logp)
         stop = (tokenizer.eos_id, tokenizer.token_id("</answer>"))
         common = dict(
             max_new_tokens=cfg.max_new_tokens, stop_ids=stop, pad_id=tokenizer.pad_id,
@@ -144,16 +195,21 @@ class Learner:
         t0 = time.perf_counter()
         examples, prompts = self.prompts_for_step(step)
         key = jax.random.fold_in(jax.random.key(cfg.seed), step)
+        before = xla_compiles()
         r = rollout(self.sampler, self.state.params, self.tokenizer, examples, prompts, key)
+        self._xla["sampler"] += _compiles_of(before, _SAMPLER_FNS)
         t_rollout = time.perf_counter() - t0
         batch, batch_stats = training_batch(
             r, cfg.group_size, cfg.advantage, cfg.filter_zero_variance
         )
         if self.ref_params is not None:
+            before = xla_compiles()
             batch["ref_logp_BT"] = np.asarray(
                 self._ref_logp(self.ref_params, batch["tokens_BT"], batch["segment_ids_BT"])
             )
+            self._xla["ref_logp"] += _compiles_of(before, ["ref_logp"])
         t1 = time.perf_counter()
+        before = xla_compiles()
         rows = batch["tokens_BT"].shape[0]
         per_mb = rows // cfg.minibatches
         train_metrics: list[dict] = []
@@ -167,6 +223,7 @@ class Learner:
                 self.state, metrics = self.step_fn(self.state, mb)
                 train_metrics.append(metrics)
         train_metrics = jax.device_get(train_metrics)
+        self._xla["train_step"] += _compiles_of(before, ["train_step"])
         t_train = time.perf_counter() - t1
         out = rollout_stats(r) | batch_stats
         for k in train_metrics[0]:
@@ -176,9 +233,25 @@ class Learner:
         out["rollout_s"], out["train_s"] = t_rollout, t_train
         out["tokens_per_s"] = float(r.mask_BM.sum()) / max(t_rollout + t_train, 1e-9)
         out["sampler_compiles"] = float(self.sampler.num_compiles)  # bounded by the buckets
+        out |= self.compile_counts()
         if cfg.sample_every and step % cfg.sample_every == 0:
             self._last_samples = self._format_samples(r)
         return out
+
+    def compile_counts(self) -> dict[str, float]:
+        """Cumulative compilations (`compiles/*`) and traces (`traces/*`) of the sampler, the
+        evaluation sampler, the train step and the reference policy, plus all compilations in
+        the process since the learner was built (`compiles/xla`); see the module docstring."""
+        traces = {
+            "sampler": self.sampler.num_compiles,
+            "eval": self.greedy.num_compiles,
+            "train_step": self.step_fn.num_compiles,
+        }
+        if self.ref_params is not None:
+            traces["ref_logp"] = self._ref_logp_traces[0]
+        out = {f"compiles/{k}": float(self._xla[k]) for k in traces}
+        out["compiles/xla"] = float((xla_compiles() - self._xla_at_start).total())
+        return out | {f"traces/{k}": float(v) for k, v in traces.items()}
 
     def _format_samples(self, r, n: int = 3) -> str:
         lines = []
@@ -193,9 +266,11 @@ class Learner:
 
     def evaluate(self, step: int) -> dict[str, float]:
         key = jax.random.fold_in(jax.random.key(self.cfg.seed + 1), step)
+        before = xla_compiles()
         report = evaluate_policy(
             self.greedy, self.state.params, self.tokenizer, self.validation, self.val_prompts, key
         )
+        self._xla["eval"] += _compiles_of(before, _SAMPLER_FNS)
         return {f"val/{k}": v for k, v in report.summary().items() if v is not None}
 
     # -- the loop -----------------------------------------------------------------------------
@@ -215,7 +290,7 @@ class Learner:
                 json.dump(_jsonable(dataclasses.asdict(cfg)), f, indent=2)
         history = []
         if start == 0 and cfg.eval_every:  # where the policy starts, for the learning curves
-            metrics = self.evaluate(0)
+            metrics = self.evaluate(0) | self.compile_counts()
             history.append({"step": 0, **metrics})
             if writer is not None:
                 writer.write(0, metrics)
@@ -225,7 +300,7 @@ class Learner:
                 for step in bar:
                     metrics = self.rl_step(step)
                     if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-                        metrics |= self.evaluate(step + 1)
+                        metrics |= self.evaluate(step + 1) | self.compile_counts()
                     history.append({"step": step + 1, **metrics})
                     if writer is not None:
                         writer.write(step + 1, metrics)

@@ -96,12 +96,24 @@ def jit_train_step(
     batch_shardings=None,
 ):
     """`train_step` jitted once for these static pieces, donating the state. With shardings
-    given, the state keeps its layout across steps and batches are laid out on the data axes."""
+    given, the state keeps its layout across steps and batches are laid out on the data axes.
+
+    The returned function's `num_compiles` counts its traces (one per new batch shape or
+    dtype), as `Sampler.num_compiles` does for the sampler."""
     fn = functools.partial(
         train_step, graphdef=graphdef, objective=objective, tx=tx, accum_steps=accum_steps
     )
+
+    def counted(state, batch):
+        jitted.num_compiles += 1  # runs only while tracing, i.e. once per compile
+        return fn(state, batch)
+
+    counted.__name__ = counted.__qualname__ = "train_step"  # the name in jax's compile logs
+
     kwargs = {}
     if state_shardings is not None:
         kwargs["in_shardings"] = (state_shardings, batch_shardings)
         kwargs["out_shardings"] = (state_shardings, None)
-    return jax.jit(fn, donate_argnums=0, **kwargs)
+    jitted = jax.jit(counted, donate_argnums=0, **kwargs)
+    jitted.num_compiles = 0
+    return jitted
