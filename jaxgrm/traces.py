@@ -37,6 +37,7 @@ from jaxgrm.data.world import WorldConfig, generate, teacher_trace
 from jaxgrm.model import ModelConfig
 from jaxgrm.prompts import PromptConfig, TraceFormat, render_prompt, render_target
 from jaxgrm.sampling import DEFAULT_BUCKETS, Sampler, SamplingConfig
+from jaxgrm.train.mesh import MeshConfig, auto_mesh
 from jaxgrm.train.sft import SFTConfig
 
 WORLD_TEACHER = "world-teacher"
@@ -387,6 +388,7 @@ class SFTExperiment:
     eval_examples: int = 300
     eval_max_new_tokens: int = 96
     eval_buckets: tuple[int, ...] = DEFAULT_BUCKETS
+    mesh: MeshConfig = MeshConfig()
 
 
 def _train_and_validation(cfg: SFTExperiment, workdir: str):
@@ -500,7 +502,8 @@ def run_sft_experiment(cfg: SFTExperiment, workdir: str | os.PathLike) -> dict[s
         cfg.tokenizer_texts,
         os.path.join(workdir, "tokenizer.model"),
     )
-    model = create_model(cfg.model.replace(vocab_size=tok.vocab_size), seed=cfg.sft.seed)
+    mesh = auto_mesh(cfg.mesh)
+    model = create_model(cfg.model.replace(vocab_size=tok.vocab_size), seed=cfg.sft.seed, mesh=mesh)
 
     def target_ids(ex):  # the teacher's trace, or the grade alone for the label-only format
         if cfg.prompt.format == TraceFormat.LABEL_ONLY:
@@ -517,7 +520,7 @@ def run_sft_experiment(cfg: SFTExperiment, workdir: str | os.PathLike) -> dict[s
             cfg.eval_buckets, cfg.sft.seed,
         )  # fmt: skip
     params, history = run_sft(
-        model, train, encode, cfg.sft, os.path.join(workdir, "sft"), evaluate=evaluate
+        model, train, encode, cfg.sft, os.path.join(workdir, "sft"), mesh=mesh, evaluate=evaluate
     )
     nnx.update(model, params)
     path = os.path.join(workdir, "bundle")

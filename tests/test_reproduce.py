@@ -40,7 +40,7 @@ def test_every_preset_builds(name):
 def test_study_preset_has_what_the_study_needs():
     p = reproduce.preset_study()
     assert len(p.seeds) >= 3 and p.criteria_ablation and len(p.sam_variants) == 3
-    assert len(p.data_sizes) >= 2
+    assert p.data_sizes and max(p.data_sizes) < p.world.train_size
 
 
 # ---- stages ------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,3 +140,17 @@ def test_reference_policy_kl_is_logged_and_zero_at_the_start(tmp_path):
     assert first["kl"] == 0.0  # the policy is the reference before any update
     second = learner.rl_step(1)
     assert second["kl"] >= 0.0 and dataclasses.is_dataclass(learner.state)
+
+
+def test_world_pipeline_runs_sharded_on_two_devices(tmp_path):
+    """`jaxgrm rl` puts SFT and RL on a mesh over every device when there are several."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    cmd = [sys.executable, "-m", "jaxgrm.cli", "rl", "--config", CONFIG, "--workdir", str(tmp_path)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    cfg = json.loads((tmp_path / "rl-both" / "config.json").read_text())
+    assert cfg["mesh"] == {"data": 2, "fsdp": 1, "tensor": 1}
+    steps = [m["step"] for m in _metrics(tmp_path)]
+    assert steps[-1] == cfg["steps"]
+    assert all(np.isfinite(m["loss"]) for m in _metrics(tmp_path) if "loss" in m)

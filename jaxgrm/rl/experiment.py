@@ -26,6 +26,7 @@ from jaxgrm.prompts import (
 from jaxgrm.rl.advantages import SamMode
 from jaxgrm.rl.learner import Learner, RLConfig
 from jaxgrm.traces import trace_tokenizer, world_traces
+from jaxgrm.train.mesh import MeshConfig, auto_mesh
 from jaxgrm.train.metrics import read_metrics
 from jaxgrm.train.sft import SFTConfig, response_encoder, run_sft
 
@@ -45,6 +46,7 @@ class WorldRLExperiment:
     sam_modes: tuple[SamMode, ...] = (SamMode.OFF, SamMode.BOTH)
     teacher_seed: int = 0
     teacher_prose: bool = True
+    mesh: MeshConfig = MeshConfig()  # axes over all devices (unused on one device)
 
 
 def _save(model, tok, cfg: WorldRLExperiment, path: str, stage: str, step: int) -> None:
@@ -72,9 +74,10 @@ def run(cfg: WorldRLExperiment, workdir: str | os.PathLike) -> dict:
         os.path.join(workdir, "tokenizer.model"),
     )
     model_cfg = cfg.model.replace(vocab_size=tok.vocab_size)
+    mesh = auto_mesh(cfg.mesh)
 
     def fresh_model():
-        return create_model(model_cfg, seed=cfg.sft.seed)
+        return create_model(model_cfg, seed=cfg.sft.seed, mesh=mesh)
 
     def prompt_ids(ex):
         return render_prompt(ex, tok, cfg.prompt).ids
@@ -87,7 +90,7 @@ def run(cfg: WorldRLExperiment, workdir: str | os.PathLike) -> dict:
     encode = response_encoder(prompt_ids, target_ids, tok.eos_id)
     sft_dir = os.path.join(workdir, "sft")
     model = fresh_model()
-    params, _ = run_sft(model, train, encode, cfg.sft, sft_dir)
+    params, _ = run_sft(model, train, encode, cfg.sft, sft_dir, mesh=mesh)
     nnx.update(model, params)
     _save(model, tok, cfg, os.path.join(sft_dir, "bundle"), "sft", cfg.sft.steps)
     results = {}
@@ -98,7 +101,7 @@ def run(cfg: WorldRLExperiment, workdir: str | os.PathLike) -> dict:
             cfg.rl, advantage=dataclasses.replace(cfg.rl.advantage, sam=mode)
         )
         rl_dir = os.path.join(workdir, f"rl-{mode}")
-        learner = Learner(model, tok, train, splits["validation"], rl_cfg, rl_dir)
+        learner = Learner(model, tok, train, splits["validation"], rl_cfg, rl_dir, mesh=mesh)
         learner.run()
         nnx.update(model, learner.state.params)
         _save(model, tok, cfg, os.path.join(rl_dir, "bundle"), f"rl-{mode}", rl_cfg.steps)

@@ -287,7 +287,8 @@ class Learner:
         writer = MetricsWriter(self.workdir, resume_step=start or None) if lead else None
         if lead and start == 0:
             with open(os.path.join(self.workdir, "config.json"), "w") as f:
-                json.dump(_jsonable(dataclasses.asdict(cfg)), f, indent=2)
+                mesh = dict(self.mesh.shape) if self.mesh is not None else None
+                json.dump(_jsonable({**dataclasses.asdict(cfg), "mesh": mesh}), f, indent=2)
         history = []
         if start == 0 and cfg.eval_every:  # where the policy starts, for the learning curves
             metrics = self.evaluate(0) | self.compile_counts()

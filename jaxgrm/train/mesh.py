@@ -43,6 +43,14 @@ def make_train_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> Mesh:
     return make_mesh(cfg.shape(len(devices)), AXES, devices=devices)
 
 
+def auto_mesh(cfg: MeshConfig = MeshConfig()) -> Mesh | None:
+    """The training mesh over every device of every process, or None with a single device
+    (then everything runs unsharded on the default device)."""
+    if jax.device_count() == 1:
+        return None
+    return make_train_mesh(cfg)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dimension split over data x fsdp; everything else replicated."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
