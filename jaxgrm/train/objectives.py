@@ -29,11 +29,42 @@ from jaxgrm.masked import masked_count, masked_sum
 from jaxgrm.rl.losses import PolicyLossConfig, policy_loss
 from jaxgrm.sampling import gather_logprobs
 
+# Tokens per chunk of the vocabulary projection in `token_logprobs` (all rows x a slice of T).
+LOGPROB_CHUNK_TOKENS = 1024
 
-def token_logprobs(model, tokens_BT: jax.Array, segment_ids_BT: jax.Array) -> jax.Array:
-    """log p(token t | tokens < t) for t >= 1, 0 at t = 0: [B, T] float32."""
-    logits = model.forward(tokens_BT, segment_ids_BT)
-    logp = gather_logprobs(logits[:, :-1], tokens_BT[:, 1:])
+
+def chunked_logprobs(logits_fn, hidden_BTD: jax.Array, targets_BT: jax.Array, chunk_tokens: int):
+    """gather_logprobs(logits_fn(hidden), targets) without ever holding [B, T, V]: a scan over
+    slices of T (all B rows each, so a batch split over devices stays split), each slice's
+    logits recomputed in the backward pass (jax.checkpoint). Peak memory for the logits drops
+    from B*T*V to about chunk_tokens*V floats; on the CPU the train step's time is unchanged
+    within noise (measured with 32 x 128 tokens, V = 4096)."""
+    b, t, _ = hidden_BTD.shape
+    ct = max(1, min(t, chunk_tokens // max(b, 1)))
+    n = -(-t // ct)
+    pad = n * ct - t
+    h = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0)))
+    tg = jnp.pad(targets_BT, ((0, 0), (0, pad)))
+    h = h.reshape(b, n, ct, -1).swapaxes(0, 1)  # [n, B, ct, D]
+    tg = tg.reshape(b, n, ct).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(args):
+        h_chunk, t_chunk = args
+        return gather_logprobs(logits_fn(h_chunk), t_chunk)
+
+    logp = jax.lax.map(one, (h, tg))  # [n, B, ct]
+    return logp.swapaxes(0, 1).reshape(b, n * ct)[:, :t]
+
+
+def token_logprobs(
+    model, tokens_BT: jax.Array, segment_ids_BT: jax.Array, chunk_tokens: int | None = None
+) -> jax.Array:
+    """log p(token t | tokens < t) for t >= 1, 0 at t = 0: [B, T] float32. The vocabulary
+    projection runs in chunks of about `chunk_tokens` tokens (default LOGPROB_CHUNK_TOKENS)."""
+    hidden = model.hidden(tokens_BT, segment_ids_BT)
+    chunk = LOGPROB_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens
+    logp = chunked_logprobs(model.logits, hidden[:, :-1], tokens_BT[:, 1:], chunk)
     return jnp.pad(logp, ((0, 0), (1, 0)))
 
 
