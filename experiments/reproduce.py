@@ -85,7 +85,9 @@ class Preset:
     (SFT-Label, SFT-Reasoning and ProcessRL trained on the first n labelled pairs; evaluated on
     RANDOM). eval_examples: pairs per
     evaluation split; val_examples: validation pairs (learning curves, choice of the teacher).
-    real_train_pairs: training pairs drawn from a real set (--data).
+    real_train_pairs: training pairs drawn from a real set (--data); real_vocab_size and
+    real_character_coverage: its tokenizer (Chinese sets have thousands of characters; those
+    outside the coverage become bytes).
     """
 
     world: WorldConfig
@@ -111,6 +113,8 @@ class Preset:
     eval_buckets: tuple[int, ...] = (320, 384, 448)
     eval_batch_size: int = 64
     real_train_pairs: int = 3000
+    real_vocab_size: int = 4096
+    real_character_coverage: float = 0.995
     teacher_seed: int = 0
 
 
@@ -224,6 +228,8 @@ def preset_smoke() -> Preset:
         val_examples=8,
         eval_max_new_tokens=24,
         real_train_pairs=120,
+        real_vocab_size=1024,
+        real_character_coverage=0.98,
     )
 
 
@@ -440,9 +446,11 @@ class Pipeline:
     def stage_tokenizer(self, d: Path) -> dict:
         from jaxgrm.traces import trace_tokenizer
 
+        p, real = self.preset, self.data is not None
         tok = trace_tokenizer(
-            self.traced(), self.prompt(), self.preset.vocab_size, self.preset.tokenizer_texts,
-            str(d / "tokenizer.model"),
+            self.traced(), self.prompt(), p.real_vocab_size if real else p.vocab_size,
+            p.tokenizer_texts, str(d / "tokenizer.model"),
+            p.real_character_coverage if real else 0.9995,
         )  # fmt: skip
         return {"vocab_size": tok.vocab_size}
 
@@ -613,6 +621,8 @@ class Pipeline:
         data_cfg = (self.data, p.world if self.data is None else p.real_train_pairs, p.val_examples)
         st.run("data", [], self.stage_data, data_cfg)
         tok_cfg = (p.vocab_size, p.tokenizer_texts, p.prompt, p.teacher_seed)
+        if self.data is not None:
+            tok_cfg = (p.real_vocab_size, p.real_character_coverage, p.tokenizer_texts, p.prompt)
         st.run("tokenizer", ["data"], self.stage_tokenizer, tok_cfg)
         R, L = TraceFormat.REASONING, TraceFormat.LABEL_ONLY
         sft_cfg = (p.model, p.sft, p.prompt, p.val_examples, p.teacher_seed)

@@ -420,9 +420,12 @@ def trace_tokenizer(
     vocab_size: int,
     num_texts: int,
     path: str,
+    character_coverage: float = 0.9995,
 ):
     """The tokenizer at `path`, or a SentencePiece model trained on the rendered prompts and
-    traces (`meta["trace"]`) of the first `num_texts` examples and saved there."""
+    traces (`meta["trace"]`) of the first `num_texts` examples and saved there. Characters
+    outside `character_coverage` become bytes (Chinese text needs a lower coverage or a larger
+    vocabulary)."""
     from jaxgrm.prompts import render_prompt_text
     from jaxgrm.tokenizer import SentencePieceTokenizer, load_tokenizer
 
@@ -432,7 +435,9 @@ def trace_tokenizer(
     for ex in examples[:num_texts]:
         block = f"{ex.doc_title}\n{ex.doc}" if ex.doc_title else ex.doc
         texts += [render_prompt_text(ex, block, prompt), ex.meta["trace"]]
-    tok = SentencePieceTokenizer.train(texts, vocab_size=vocab_size)
+    tok = SentencePieceTokenizer.train(
+        texts, vocab_size=vocab_size, character_coverage=character_coverage
+    )
     if jax.process_index() == 0:
         tok.save(path)
     return tok
