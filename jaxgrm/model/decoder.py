@@ -25,6 +25,39 @@ from jaxgrm.model.config import ModelConfig, RopeScaling
 _NEG_INF = -0.7 * float(np.finfo(np.float32).max)
 
 
+BATCH_MESH_AXES = ("data", "fsdp")  # the mesh axes a batch is split over (jaxgrm.train.mesh)
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """Pin an activation [B, ...] to "rows split over the batch axes, the rest replicated" when
+    a mesh is set for tracing (the train step sets one); otherwise x unchanged. Without it,
+    XLA's automatic partitioner met the batch split over fsdp and the weights' D split over
+    fsdp by resharding activations op by op (all-to-alls of attention activations, all-gathers
+    of [B*T, D] rows); pinned, FSDP gathers weights only."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    axes = tuple(a for a in BATCH_MESH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
+
+
+def gather_fsdp(w: jax.Array, tensor_dim: int) -> jax.Array:
+    """A weight with its fsdp-split dimension gathered (its `tensor_dim` split over tensor
+    kept) when a mesh is set for tracing: FSDP's gather before use. Used for the embedding
+    table (lookup and the tied output projection); without it the batch split over fsdp and
+    D split over fsdp made XLA reshard the lookup and the vocabulary projection (all-to-alls,
+    all-gathers of token ids and of logit gradients)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or "fsdp" not in mesh.axis_names or mesh.shape["fsdp"] == 1:
+        return w
+    spec = [None] * w.ndim
+    if "tensor" in mesh.axis_names and mesh.shape["tensor"] > 1:
+        spec[tensor_dim] = "tensor"
+    return jax.lax.with_sharding_constraint(w, jax.sharding.PartitionSpec(*spec))
+
+
 def project(x: jax.Array, w: jax.Array, n_in: int = 1, transpose_w: bool = False, **kw):
     """x [..., *in] times w [*in, *out] (or w [*out, *in] with `transpose_w`) -> [..., *out],
     computed as ONE 2-D matmul [rows, in] x [in, out]. On XLA's CPU backend the backward pass
@@ -234,8 +267,8 @@ class Block(nnx.Module):
     def __call__(self, x_BTD, positions_BT, mask_BTS, cache, cache_index, last_only=False):
         h = self.attn_norm(x_BTD)
         y, cache = self.attn(h, positions_BT, mask_BTS, cache, cache_index, last_only)
-        x_BTD = (x_BTD[:, -1:] if last_only else x_BTD) + y
-        return x_BTD + self.mlp(self.mlp_norm(x_BTD)), cache
+        x_BTD = constrain_batch((x_BTD[:, -1:] if last_only else x_BTD) + y)
+        return constrain_batch(x_BTD + self.mlp(self.mlp_norm(x_BTD))), cache
 
 
 class Decoder(nnx.Module):
@@ -270,7 +303,8 @@ class Decoder(nnx.Module):
         hidden state is [B, 1, D] for the last position: the final layer then computes keys and
         values for every position but queries, attention output and MLP for the last one only
         (prefill needs no more)."""
-        x = self.embed_VD[...].astype(self.cfg.dtype.jnp)[tokens_BT]
+        table = gather_fsdp(self.embed_VD[...].astype(self.cfg.dtype.jnp), tensor_dim=0)
+        x = constrain_batch(table[tokens_BT])
         new_cache = []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache[i]
@@ -282,9 +316,9 @@ class Decoder(nnx.Module):
     def logits(self, hidden_BTD: jax.Array) -> jax.Array:
         """Float32 logits [B, T, V] (or [..., V] for any leading shape)."""
         if self.cfg.tie_embeddings:
-            w = self.embed_VD[...].astype(hidden_BTD.dtype)
+            w = gather_fsdp(self.embed_VD[...].astype(hidden_BTD.dtype), tensor_dim=0)
             return project(hidden_BTD, w, transpose_w=True, preferred_element_type=jnp.float32)
-        w = self.lm_head_DV[...].astype(hidden_BTD.dtype)
+        w = gather_fsdp(self.lm_head_DV[...].astype(hidden_BTD.dtype), tensor_dim=1)
         return project(hidden_BTD, w, preferred_element_type=jnp.float32)
 
     def forward(self, tokens_BT: jax.Array, segment_ids_BT: jax.Array | None = None) -> jax.Array:

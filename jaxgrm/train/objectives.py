@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgrm.masked import masked_count, masked_sum
+from jaxgrm.model.decoder import constrain_batch
 from jaxgrm.rl.losses import PolicyLossConfig, policy_loss
 from jaxgrm.sampling import gather_logprobs
 
@@ -43,7 +44,7 @@ def chunked_logprobs(logits_fn, hidden_BTD: jax.Array, targets_BT: jax.Array, ch
     ct = max(1, min(t, chunk_tokens // max(b, 1)))
     n = -(-t // ct)
     pad = n * ct - t
-    h = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0)))
+    h = constrain_batch(jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0))))
     tg = jnp.pad(targets_BT, ((0, 0), (0, pad)))
     h = h.reshape(b, n, ct, -1).swapaxes(0, 1)  # [n, B, ct, D]
     tg = tg.reshape(b, n, ct).swapaxes(0, 1)
@@ -51,7 +52,7 @@ def chunked_logprobs(logits_fn, hidden_BTD: jax.Array, targets_BT: jax.Array, ch
     @jax.checkpoint
     def one(args):
         h_chunk, t_chunk = args
-        return gather_logprobs(logits_fn(h_chunk), t_chunk)
+        return constrain_batch(gather_logprobs(logits_fn(constrain_batch(h_chunk)), t_chunk))
 
     logp = jax.lax.map(one, (h, tg))  # [n, B, ct]
     return logp.swapaxes(0, 1).reshape(b, n * ct)[:, :t]

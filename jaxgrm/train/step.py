@@ -25,7 +25,10 @@ def _split_micro(batch: Mapping[str, jax.Array], n: int):
     def one(x):
         if x.shape[0] % n:
             raise ValueError(f"batch of {x.shape[0]} rows does not split into {n} micro-batches")
-        return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+        # Interleaved: micro-batch i holds rows i, i + n, ...; a batch split over devices in
+        # contiguous blocks stays split inside every micro-batch (a [n, B/n] reshape would put
+        # the device split on the scanned axis and gather the whole batch on every device).
+        return x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
 
     return {k: one(v) for k, v in batch.items()}
 
@@ -104,9 +107,17 @@ def jit_train_step(
         train_step, graphdef=graphdef, objective=objective, tx=tx, accum_steps=accum_steps
     )
 
+    mesh = None
+    if state_shardings is not None:
+        leaves = jax.tree.leaves(state_shardings)
+        mesh = next((s.mesh for s in leaves if isinstance(s, jax.sharding.NamedSharding)), None)
+
     def counted(state, batch):
         jitted.num_compiles += 1  # runs only while tracing, i.e. once per compile
-        return fn(state, batch)
+        if mesh is None:
+            return fn(state, batch)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # for constrain_batch
+            return fn(state, batch)
 
     counted.__name__ = counted.__qualname__ = "train_step"  # the name in jax's compile logs
 
