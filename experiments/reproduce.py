@@ -835,6 +835,18 @@ def claims(table: dict) -> list[dict]:
             if diff["mean"] is None:
                 continue
             out.append({"claim": name, "split": split, **diff, "verdict": verdict(diff)})
+    # Data efficiency: with n labelled pairs, RL on top of the warm-up against SFT alone.
+    eff = {(r["system"], r["pairs"]): r for r in table["rows"] if r["group"] == "efficiency"}
+    for n in sorted({p for _, p in eff}):
+        for other in ("SFT-Reasoning", "SFT-Label"):
+            a, b = eff.get(("ProcessRL-Reasoning", n)), eff.get((other, n))
+            if a is None or b is None:
+                continue
+            va = a["splits"]["RANDOM"]["accuracy"]["values"]
+            vb = b["splits"]["RANDOM"]["accuracy"]["values"]
+            diff = mean_ci([va[s] - vb[s] for s in va if s in vb and None not in (va[s], vb[s])])
+            name = f"data-efficient: ProcessRL > {other}, {n} pairs"
+            out.append({"claim": name, "split": "RANDOM", **diff, "verdict": verdict(diff)})
     return out
 
 
