@@ -23,7 +23,6 @@ import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -31,6 +30,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from experiments.bench.perf import time_runs  # noqa: E402
 from jaxgrm.model.hf import load_hf_checkpoint  # noqa: E402
 from jaxgrm.sampling import Sampler, SamplingConfig  # noqa: E402
 
@@ -49,19 +49,6 @@ def build_checkpoint(path: str) -> transformers.PreTrainedModel:
     model = transformers.Qwen2ForCausalLM(cfg).eval()
     model.save_pretrained(path)
     return model
-
-
-def time_runs(fn, runs: int) -> tuple[float, list[float]]:
-    """(warm-up seconds, timed seconds per run)."""
-    t0 = time.perf_counter()
-    fn(0)
-    warm = time.perf_counter() - t0
-    times = []
-    for i in range(runs):
-        t0 = time.perf_counter()
-        fn(i + 1)
-        times.append(time.perf_counter() - t0)
-    return warm, times
 
 
 def bench_jax(model, batch: int, runs: int):

@@ -392,23 +392,6 @@ def inspect_hlo(text: str, mesh_shape: dict[str, int], param_shapes: set) -> dic
 
 
 # ---- worker (one process, N virtual devices) ----------------------------------------------------
-def rl_batch(batch: int, seq: int, vocab: int, seed: int = 0):
-    """Random tokens, one segment per row, loss on the second half; old log-probs near the random
-    model's log(1/V), standard-normal advantages (as experiments/bench/perf.py)."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(1, vocab, (batch, seq)).astype(np.int32)
-    seg = np.ones((batch, seq), np.int32)
-    loss_mask = np.zeros((batch, seq), bool)
-    loss_mask[:, seq // 2 :] = True
-    old = (-np.log(vocab) + 0.1 * rng.standard_normal((batch, seq))).astype(np.float32)
-    adv = rng.standard_normal((batch, seq)).astype(np.float32)
-    return dict(
-        tokens_BT=tokens, segment_ids_BT=seg, loss_mask_BT=loss_mask, old_logp_BT=old, adv_BT=adv
-    )
-
-
 def measure(layout: str, shape, global_batch: int, args) -> dict:
     import jax
     from flax import nnx
@@ -451,6 +434,8 @@ def measure(layout: str, shape, global_batch: int, args) -> dict:
         state_shardings=jax.tree.map(lambda x: x.sharding, state),
         batch_shardings=batch_sharding(mesh),
     )
+    from experiments.bench.perf import rl_batch  # the batch the perf benchmark trains on
+
     batch = shard_batch(rl_batch(global_batch, args.seq, cfg.vocab_size), mesh)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
