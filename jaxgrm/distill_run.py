@@ -119,25 +119,14 @@ class DistillExperiment:
 
 
 # ---- data --------------------------------------------------------------------------------------
-def _read_examples(path: str) -> list[RelevanceExample]:
-    """A JSONL of RelevanceExample rows (trace-record fields are ignored)."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                for key in ("trace", "steps_right", "provenance"):
-                    row.pop(key, None)
-                out.append(RelevanceExample.from_dict(row))
-    return out
-
-
 def _splits(cfg: DistillExperiment) -> tuple[list[RelevanceExample], list[RelevanceExample]]:
+    from jaxgrm.traces import read_examples  # a JSONL of examples or trace records
+
     world = None
     if cfg.train is None or cfg.validation is None:
         world = generate(cfg.world)
-    train = _read_examples(cfg.train) if cfg.train else world["train"]
-    val = _read_examples(cfg.validation) if cfg.validation else world["validation"]
+    train = read_examples(cfg.train) if cfg.train else world["train"]
+    val = read_examples(cfg.validation) if cfg.validation else world["validation"]
     if cfg.train_pairs:
         train = train[: cfg.train_pairs]
     return list(train), list(val)[: cfg.eval_examples]

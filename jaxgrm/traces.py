@@ -347,7 +347,7 @@ def read_trace_meta(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.with_name(path.name + META_SUFFIX).read_text(encoding="utf-8"))
 
 
-def _read_examples(path: str) -> list[RelevanceExample]:
+def read_examples(path: str | os.PathLike) -> list[RelevanceExample]:
     """A JSONL of trace records or of plain RelevanceExample rows (labels are what counts)."""
     out = []
     with open(path, encoding="utf-8") as f:
@@ -394,7 +394,7 @@ class SFTExperiment:
 def _train_and_validation(cfg: SFTExperiment, workdir: str):
     if cfg.traces is not None:
         train = read_traces(cfg.traces)
-        val = _read_examples(cfg.validation) if cfg.validation else []
+        val = read_examples(cfg.validation) if cfg.validation else []
         return train, val, {"traces": os.path.abspath(cfg.traces)}
     splits = generate(cfg.world)
     error = (
@@ -406,7 +406,7 @@ def _train_and_validation(cfg: SFTExperiment, workdir: str):
     path = os.path.join(workdir, "traces.jsonl")
     if jax.process_index() == 0 and not os.path.exists(path):
         write_traces(path, records)
-    val = _read_examples(cfg.validation) if cfg.validation else splits["validation"]
+    val = read_examples(cfg.validation) if cfg.validation else splits["validation"]
     return (
         [rec.to_example() for rec in records],
         val,
@@ -559,6 +559,7 @@ __all__ = [
     "label_traces",
     "model_traces",
     "query_terms",
+    "read_examples",
     "read_trace_meta",
     "read_trace_records",
     "read_traces",
