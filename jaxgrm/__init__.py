@@ -9,6 +9,11 @@ so do einsum strings and the `axes` of every weight:
     G traces per prompt                    P reasoning steps
 """
 
+from jaxgrm.hostmem import tune_host_malloc
+
+# First, before any JAX computation starts XLA's CPU threads (see jaxgrm.hostmem).
+HOST_MALLOC = tune_host_malloc()
+
 from jaxgrm.bundle import load_bundle, save_bundle
 from jaxgrm.model import (
     Decoder,

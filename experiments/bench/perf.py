@@ -56,6 +56,7 @@ VOCAB = 4096
 TORCH_THREADS = 2
 LEARNING_RATE = 1e-5
 CLIP = 0.2
+HOST_MALLOC_ENV = "JAXGRM_HOST_MALLOC"  # jaxgrm.hostmem.ENV (not imported: torch workers)
 TUNIX_SIDE = Path(__file__).with_name("tunix_side.py")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TUNIX_PYTHON = "/tmp/tunixvenv/bin/python"
@@ -117,7 +118,11 @@ def worker_build(args) -> dict:
 def _jax_info() -> dict:
     import jax
 
-    return dict(device=str(jax.devices()[0]), n_devices=jax.device_count())
+    import jaxgrm
+
+    return dict(
+        device=str(jax.devices()[0]), n_devices=jax.device_count(), host_malloc=jaxgrm.HOST_MALLOC
+    )
 
 
 def worker_ours_sample(args) -> dict:
@@ -243,6 +248,13 @@ def worker_ours_train(args) -> dict:
 
 
 def worker_torch_train(args) -> dict:
+    host_malloc = None
+    if os.environ.get(HOST_MALLOC_ENV) == "on":
+        # The same glibc settings jaxgrm applies to itself (jaxgrm.hostmem), for a like-for-like
+        # row; importing jaxgrm applies them before torch allocates anything.
+        import jaxgrm
+
+        host_malloc = jaxgrm.HOST_MALLOC
     torch = _torch_setup()
     import transformers
 
@@ -282,7 +294,7 @@ def worker_torch_train(args) -> dict:
     return dict(
         tokens_per_s=args.batch * args.seq / med, step_s=med, warmup_s=warm, times_s=times,
         first_loss=losses[0], losses=losses, threads=torch.get_num_threads(),
-        peak_rss_mb=peak_rss_mb(),
+        peak_rss_mb=peak_rss_mb(), host_malloc=host_malloc,
     )  # fmt: skip
 
 
@@ -455,12 +467,16 @@ def _last_json(text: str) -> dict | None:
     return None
 
 
-def run_cmd(cmd: list[str], label: str, timeout: float) -> dict:
-    """Run one measurement subprocess; its JSON line, or an `error` entry."""
+def run_cmd(cmd: list[str], label: str, timeout: float, env: dict | None = None) -> dict:
+    """Run one measurement subprocess (with `env` added to the environment); its JSON line, or
+    an `error` entry."""
     print(f"[perf] {label}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
+            env=None if env is None else {**os.environ, **env},
+        )  # fmt: skip
     except subprocess.TimeoutExpired:
         return dict(error=f"timed out after {timeout:.0f} s")
     wall = time.perf_counter() - t0
@@ -553,7 +569,7 @@ def print_train_table(train):
     print("| system | tokens/s | step s | compile s | peak MB | ours / system |")
     print("|---|---:|---:|---:|---:|---:|")
     ours = _get(train.get("jaxgrm"), "tokens_per_s")
-    for name in ("jaxgrm", "torch", "tunix"):
+    for name in ("jaxgrm", "jaxgrm_glibc_default_malloc", "torch", "torch_jaxgrm_malloc", "tunix"):
         r = train.get(name)
         if r is None:
             continue
@@ -674,19 +690,26 @@ def main_parent(args):
         if "train" in tasks:
             b, t = args.train_batch, args.train_seq
             train = dict(batch=b, seq=t, tokens_per_step=b * t)
-            train["jaxgrm"] = run_cmd(
-                worker_cmd("ours-train", args, ckpt=ckpt, batch=b, seq=t),
-                "jaxgrm train", args.worker_timeout,
-            )  # fmt: skip
-            if not args.skip_torch:
-                train["torch"] = run_cmd(
-                    worker_cmd("torch-train", args, ckpt=ckpt, batch=b, seq=t),
-                    "torch train", args.worker_timeout,
+            # Besides each system as it runs by default, jaxgrm with glibc's malloc defaults and
+            # torch with jaxgrm's malloc settings (jaxgrm.hostmem), so the table shows what
+            # those settings are worth to each.
+            for name, worker, malloc in (
+                ("jaxgrm", "ours-train", None),
+                ("jaxgrm_glibc_default_malloc", "ours-train", "off"),
+                ("torch", "torch-train", None),
+                ("torch_jaxgrm_malloc", "torch-train", "on"),
+            ):
+                if worker == "torch-train" and args.skip_torch:
+                    continue
+                train[name] = run_cmd(
+                    worker_cmd(worker, args, ckpt=ckpt, batch=b, seq=t),
+                    f"{name} train", args.worker_timeout,
+                    env={HOST_MALLOC_ENV: malloc} if malloc else None,
                 )  # fmt: skip
             if not tunix_note:
                 train["tunix"] = tunix("train", batch=b, seq=t)
             ours = _get(train["jaxgrm"], "tokens_per_s")
-            for name in ("torch", "tunix"):
+            for name in ("torch", "torch_jaxgrm_malloc", "tunix"):
                 train[f"ours_over_{name}"] = _ratio(ours, _get(train.get(name), "tokens_per_s"))
             results["train"] = train
 
