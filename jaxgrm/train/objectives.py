@@ -32,14 +32,23 @@ from jaxgrm.sampling import gather_logprobs
 
 # Tokens per chunk of the vocabulary projection in `token_logprobs` (all rows x a slice of T).
 LOGPROB_CHUNK_TOKENS = 1024
+# `token_logprobs` keeps the logits for the backward pass while all B x T x V of them (float32)
+# fit in this many bytes, and recomputes each chunk's there past it.
+LOGPROB_REMAT_BYTES = 256 * 2**20
 
 
-def chunked_logprobs(logits_fn, hidden_BTD: jax.Array, targets_BT: jax.Array, chunk_tokens: int):
-    """gather_logprobs(logits_fn(hidden), targets) without ever holding [B, T, V]: a scan over
-    slices of T (all B rows each, so a batch split over devices stays split), each slice's
-    logits recomputed in the backward pass (jax.checkpoint). Peak memory for the logits drops
-    from B*T*V to about chunk_tokens*V floats; on the CPU the train step's time is unchanged
-    within noise (measured with 32 x 128 tokens, V = 4096)."""
+def chunked_logprobs(
+    logits_fn,
+    hidden_BTD: jax.Array,
+    targets_BT: jax.Array,
+    chunk_tokens: int,
+    remat: bool = True,
+):
+    """gather_logprobs(logits_fn(hidden), targets) as a scan over slices of T (all B rows each,
+    so a batch split over devices stays split). With `remat` each slice's logits are recomputed
+    in the backward pass (jax.checkpoint), so [B, T, V] is never held: peak memory for the
+    logits drops from B*T*V to about chunk_tokens*V floats, for one more forward pass of the
+    vocabulary projection (about 4% of the 32 x 128 benchmark step on the CPU, by profile)."""
     b, t, _ = hidden_BTD.shape
     ct = max(1, min(t, chunk_tokens // max(b, 1)))
     n = -(-t // ct)
@@ -49,23 +58,31 @@ def chunked_logprobs(logits_fn, hidden_BTD: jax.Array, targets_BT: jax.Array, ch
     h = h.reshape(b, n, ct, -1).swapaxes(0, 1)  # [n, B, ct, D]
     tg = tg.reshape(b, n, ct).swapaxes(0, 1)
 
-    @jax.checkpoint
     def one(args):
         h_chunk, t_chunk = args
         return constrain_batch(gather_logprobs(logits_fn(constrain_batch(h_chunk)), t_chunk))
 
-    logp = jax.lax.map(one, (h, tg))  # [n, B, ct]
+    logp = jax.lax.map(jax.checkpoint(one) if remat else one, (h, tg))  # [n, B, ct]
     return logp.swapaxes(0, 1).reshape(b, n * ct)[:, :t]
 
 
 def token_logprobs(
-    model, tokens_BT: jax.Array, segment_ids_BT: jax.Array, chunk_tokens: int | None = None
+    model,
+    tokens_BT: jax.Array,
+    segment_ids_BT: jax.Array,
+    chunk_tokens: int | None = None,
+    remat_bytes: int | None = None,
 ) -> jax.Array:
     """log p(token t | tokens < t) for t >= 1, 0 at t = 0: [B, T] float32. The vocabulary
-    projection runs in chunks of about `chunk_tokens` tokens (default LOGPROB_CHUNK_TOKENS)."""
+    projection runs in chunks of about `chunk_tokens` tokens (default LOGPROB_CHUNK_TOKENS),
+    rematerialised when the whole batch's logits exceed `remat_bytes` (default
+    LOGPROB_REMAT_BYTES)."""
     hidden = model.hidden(tokens_BT, segment_ids_BT)
     chunk = LOGPROB_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens
-    logp = chunked_logprobs(model.logits, hidden[:, :-1], tokens_BT[:, 1:], chunk)
+    budget = LOGPROB_REMAT_BYTES if remat_bytes is None else remat_bytes
+    b, t = tokens_BT.shape
+    remat = 4 * b * (t - 1) * model.cfg.vocab_size > budget
+    logp = chunked_logprobs(model.logits, hidden[:, :-1], tokens_BT[:, 1:], chunk, remat)
     return jnp.pad(logp, ((0, 0), (1, 0)))
 
 
