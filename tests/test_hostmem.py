@@ -32,17 +32,20 @@ def test_applied_on_import_in_this_cpu_test_run():
     assert hostmem.tune_host_malloc() is jaxgrm.HOST_MALLOC  # once per process
 
 
-# A jitted function whose temporary buffer (two 64 MiB arrays kept apart by an optimisation
-# barrier) is far above glibc's mmap threshold; the child prints the page faults of calls 3-5.
+# A jitted function whose temporary buffer (a 64 MiB array kept apart by an optimisation
+# barrier) is far above glibc's mmap threshold; the child prints the page faults of its last 10
+# of 60 calls. With the settings the heap can take a few calls to settle (a freed block split by
+# smaller allocations, or not yet freed when the next call starts, makes the heap grow; seen
+# settling by call 25 at most, at up to six blocks), so only the end is compared.
 _CHILD = """
-import json, resource, sys
+import json, resource
 import jaxgrm, jax, jax.numpy as jnp
 f = jax.jit(lambda x: jnp.cos(jax.lax.optimization_barrier(jnp.sin(x) * 2.0)).sum())
 x = jnp.ones((1 << 24,), jnp.float32)
-for _ in range(2):
+for _ in range(50):
     f(x).block_until_ready()
 r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
+for _ in range(10):
     f(x).block_until_ready()
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0
 print(json.dumps(dict(faults=faults, host_malloc=jaxgrm.HOST_MALLOC)))
@@ -63,7 +66,7 @@ def _faults(mode: str) -> dict:
 def test_tuned_malloc_reuses_xla_temporaries():
     tuned, default = _faults("on"), _faults("off")
     assert tuned["host_malloc"]["applied"] and not default["host_malloc"]["applied"]
-    # 64 MiB is 16,384 pages: glibc's defaults fault it in again on every call, the tuned heap
-    # reuses it.
-    assert default["faults"] > 3 * 16_384 // 2, default
+    # 64 MiB is 16,384 pages: glibc's defaults fault it in again on every call, the settled
+    # heap reuses it.
+    assert default["faults"] > 10 * 16_384 * 0.9, default
     assert tuned["faults"] < 2_000, tuned

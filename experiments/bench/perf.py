@@ -1,6 +1,6 @@
 """One performance benchmark: sampling, RL train step and achieved FLOP/s, with peak memory.
 
-    python -m experiments.bench.perf [--batches 1 8 32 128] [--runs 3] [--only sample|train|flops]
+    python -m experiments.bench.perf [--batches 1 8 32 128] [--runs 5] [--only sample|train|flops]
                                      [--skip-tunix] [--skip-torch] [--out PATH]
 
 All systems run the same Qwen2-architecture weights (vocab 4096, hidden 256, 4 layers, 4 heads,
@@ -19,6 +19,10 @@ reported separately.
    is completion): jaxgrm's `jit_train_step` with `PolicyGradient`, a plain torch loop over the
    transformers model, and tunix. jaxgrm and torch see identical batches (fixed seed), and both
    report their loss before the first update as a cross-check. Tokens/s counts all B*T tokens.
+   Two more rows show what jaxgrm's host malloc settings (`jaxgrm.hostmem`, applied on import)
+   are worth: jaxgrm with glibc's defaults (JAXGRM_HOST_MALLOC=off) and torch with jaxgrm's
+   settings. With the settings the heap reaches its steady state after a step or two, which is
+   one reason for five timed runs: the median is the steady state.
 3. Achieved FLOP/s of jaxgrm's train step for the `small` preset at sequence 512 (batch 8), as a
    fraction of (a) this machine's jitted float32 `dot_general` throughput on exactly the matmul
    shapes the step runs (forward, input-gradient and weight-gradient forms), weighted by FLOPs,
@@ -742,7 +746,7 @@ def main_parent(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
-    parser.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs after one warm-up")
     parser.add_argument("--only", choices=["sample", "train", "flops"])
     parser.add_argument("--skip-tunix", action="store_true")
     parser.add_argument("--skip-torch", action="store_true")
