@@ -19,10 +19,10 @@ reported separately.
    is completion): jaxgrm's `jit_train_step` with `PolicyGradient`, a plain torch loop over the
    transformers model, and tunix. jaxgrm and torch see identical batches (fixed seed), and both
    report their loss before the first update as a cross-check. Tokens/s counts all B*T tokens.
-   Two more rows show what jaxgrm's host malloc settings (`jaxgrm.hostmem`, applied on import)
-   are worth: jaxgrm with glibc's defaults (JAXGRM_HOST_MALLOC=off) and torch with jaxgrm's
-   settings. With the settings the heap reaches its steady state after a step or two, which is
-   one reason for five timed runs: the median is the steady state.
+   Three more rows show what jaxgrm's host malloc settings (`jaxgrm.hostmem`, applied on
+   import) are worth: jaxgrm with glibc's defaults (JAXGRM_HOST_MALLOC=off), and torch and tunix
+   with jaxgrm's settings. With the settings the heap reaches its steady state after a step or
+   two, which is one reason for five timed runs: the median is the steady state.
 3. Achieved FLOP/s of jaxgrm's train step for the `small` preset at sequence 512 (batch 8), as a
    fraction of (a) this machine's jitted float32 `dot_general` throughput on exactly the matmul
    shapes the step runs (forward, input-gradient and weight-gradient forms), weighted by FLOPs,
@@ -573,7 +573,8 @@ def print_train_table(train):
     print("| system | tokens/s | step s | compile s | peak MB | ours / system |")
     print("|---|---:|---:|---:|---:|---:|")
     ours = _get(train.get("jaxgrm"), "tokens_per_s")
-    for name in ("jaxgrm", "jaxgrm_glibc_default_malloc", "torch", "torch_jaxgrm_malloc", "tunix"):
+    names = ("jaxgrm", "jaxgrm_glibc_default_malloc", "torch", "torch_jaxgrm_malloc", "tunix")
+    for name in (*names, "tunix_jaxgrm_malloc"):
         r = train.get(name)
         if r is None:
             continue
@@ -656,10 +657,11 @@ def main_parent(args):
         results["notes"].append(f"tunix {tunix_note}")
         print(f"[perf] tunix {tunix_note}", file=sys.stderr, flush=True)
 
-    def tunix(task, **kw):
+    def tunix(task, jaxgrm_malloc=False, **kw):
         cmd = [args.tunix_python, str(TUNIX_SIDE), "--ckpt", ckpt, "--task", task]
         for k, v in dict(kw, runs=args.runs).items():
             cmd += [f"--{k}", str(v)]
+        cmd += ["--jaxgrm-malloc"] if jaxgrm_malloc else []
         return run_cmd(cmd, f"tunix {task} {kw}", args.worker_timeout)
 
     with tempfile.TemporaryDirectory(prefix="perf_ckpt_") as ckpt:
@@ -712,8 +714,9 @@ def main_parent(args):
                 )  # fmt: skip
             if not tunix_note:
                 train["tunix"] = tunix("train", batch=b, seq=t)
+                train["tunix_jaxgrm_malloc"] = tunix("train", jaxgrm_malloc=True, batch=b, seq=t)
             ours = _get(train["jaxgrm"], "tokens_per_s")
-            for name in ("torch", "torch_jaxgrm_malloc", "tunix"):
+            for name in ("torch", "torch_jaxgrm_malloc", "tunix", "tunix_jaxgrm_malloc"):
                 train[f"ours_over_{name}"] = _ratio(ours, _get(train.get(name), "tokens_per_s"))
             results["train"] = train
 

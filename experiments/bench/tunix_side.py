@@ -37,6 +37,7 @@ Prints one JSON line on stdout; logging goes to stderr. No XLA or thread setting
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib.metadata
 import json
 import logging
@@ -298,7 +299,19 @@ def main(argv=None) -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--ids", help="logits task: .npy of int token ids [B, L]")
     p.add_argument("--out", help="logits task: .npy to write float32 logits [B, L, V] to")
+    p.add_argument(
+        "--jaxgrm-malloc",
+        action="store_true",
+        help="apply jaxgrm.hostmem's glibc settings (one arena, no mmap, no trim) first",
+    )
     args = p.parse_args(argv)
+    if args.jaxgrm_malloc:
+        # The three mallopt calls of jaxgrm.hostmem (this script cannot import jaxgrm), before
+        # the first JAX computation starts XLA's threads. M_ARENA_MAX, M_MMAP_MAX, M_TRIM_THRESHOLD.
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+        mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+        if not all(mallopt(k, v) for k, v in ((-8, 1), (-4, 0), (-1, -1))):
+            raise SystemExit("mallopt refused a setting")
     logging.basicConfig(stream=sys.stderr, level=logging.INFO)
 
     t0 = time.perf_counter()
@@ -325,6 +338,7 @@ def main(argv=None) -> None:
         "compile_s": warm - median,
         "load_s": load_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "jaxgrm_malloc": args.jaxgrm_malloc,
         "tunix_version": importlib.metadata.version("google-tunix"),
         "jax_version": jax.__version__,
         "flax_version": importlib.metadata.version("flax"),
