@@ -42,7 +42,9 @@ _M_ARENA_MAX = -8
 
 _applied: dict | None = None
 
-_ACCELERATOR_MODULES = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin")
+# libtpu is found by import; GPU plugins register under the "jax_plugins" entry-point group or
+# the `jax_plugins` namespace package, which covers plugins not named here.
+_ACCELERATOR_MODULES = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_plugins")
 
 
 def accelerator_plugin_installed() -> bool:

@@ -33,10 +33,12 @@ def test_applied_on_import_in_this_cpu_test_run():
 
 
 # A jitted function whose temporary buffer (a 64 MiB array kept apart by an optimisation
-# barrier) is far above glibc's mmap threshold; the child prints the page faults of its last 10
-# of 60 calls. With the settings the heap can take a few calls to settle (a freed block split by
-# smaller allocations, or not yet freed when the next call starts, makes the heap grow; seen
-# settling by call 25 at most, at up to six blocks), so only the end is compared.
+# barrier) is far above glibc's mmap threshold; the child reports, for each of its last 10 of 60
+# calls, whether the call faulted in new pages (over 1,000, of the block's 16,384). glibc's
+# defaults fault the block in on every call. With the settings the heap settles: it still grows
+# now and then when a freed block is split by smaller allocations or not yet freed as the next
+# call starts (seen in 1 of 12 children as late as these calls, on 2 of the 10), so the test
+# bounds how many calls fault rather than asking for none.
 _CHILD = """
 import json, resource
 import jaxgrm, jax, jax.numpy as jnp
@@ -44,11 +46,12 @@ f = jax.jit(lambda x: jnp.cos(jax.lax.optimization_barrier(jnp.sin(x) * 2.0)).su
 x = jnp.ones((1 << 24,), jnp.float32)
 for _ in range(50):
     f(x).block_until_ready()
-r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+faulted = 0
 for _ in range(10):
+    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     f(x).block_until_ready()
-faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0
-print(json.dumps(dict(faults=faults, host_malloc=jaxgrm.HOST_MALLOC)))
+    faulted += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0 > 1_000
+print(json.dumps(dict(faulted_calls=faulted, host_malloc=jaxgrm.HOST_MALLOC)))
 """
 
 
@@ -66,7 +69,5 @@ def _faults(mode: str) -> dict:
 def test_tuned_malloc_reuses_xla_temporaries():
     tuned, default = _faults("on"), _faults("off")
     assert tuned["host_malloc"]["applied"] and not default["host_malloc"]["applied"]
-    # 64 MiB is 16,384 pages: glibc's defaults fault it in again on every call, the settled
-    # heap reuses it.
-    assert default["faults"] > 10 * 16_384 * 0.9, default
-    assert tuned["faults"] < 2_000, tuned
+    assert default["faulted_calls"] >= 9, default
+    assert tuned["faulted_calls"] <= 3, tuned
