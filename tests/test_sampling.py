@@ -11,7 +11,9 @@ from jaxgrm.sampling import (
     Sampler,
     SamplingConfig,
     choose_tokens,
+    first_argmax,
     gather_logprobs,
+    next_tokens,
     sampling_weights,
 )
 
@@ -156,6 +158,28 @@ def test_sampled_frequencies_match_filtered_distribution():
     draw = jax.jit(jax.vmap(lambda k: choose_tokens(logits, k, cfg)))
     freq = np.bincount(np.asarray(draw(keys)).ravel(), minlength=4) / len(keys)
     np.testing.assert_allclose(freq, [4 / 9, 3 / 9, 2 / 9, 0.0], atol=0.015)
+
+
+def test_first_argmax_is_argmax_with_first_tie():
+    x = jax.random.normal(jax.random.key(1), (16, 300))
+    x = x.at[3, 7].set(9.0).at[3, 200].set(9.0)  # a tie: the first index wins, as in argmax
+    x = x.at[5].set(-jnp.inf).at[5, 42].set(0.0)
+    np.testing.assert_array_equal(first_argmax(x), np.argmax(np.asarray(x), axis=-1))
+    assert int(first_argmax(x)[3]) == 7 and int(first_argmax(x)[5]) == 42
+
+
+def test_next_tokens_logprobs_are_unfiltered_log_softmax():
+    """The shared max/exp pass gives log pi at temperature 1 whatever the sampling rule."""
+    logits = jax.random.normal(jax.random.key(2), (8, 97)) * 2
+    ref = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    for cfg in (
+        SamplingConfig(temperature=0.0),
+        SamplingConfig(temperature=1.0, top_k=5),
+        SamplingConfig(temperature=0.7, top_p=0.8),
+    ):
+        tok, logp = next_tokens(logits, jax.random.key(3), cfg)
+        np.testing.assert_allclose(logp, ref[np.arange(8), np.asarray(tok)], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(tok, choose_tokens(logits, jax.random.key(3), cfg))
 
 
 def test_bad_prompts(model):

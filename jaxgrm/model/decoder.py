@@ -131,11 +131,18 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> n
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate the two halves of the head dimension (the Llama/Qwen convention)."""
+def rope_tables(positions_BT: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of the rotation angles, each [B, T, 1, H/2] float32, for `apply_rope`.
+
+    Computed once per forward pass and shared by every layer's queries and keys."""
     angles = positions_BT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [B, T, H/2]
-    sin = jnp.sin(angles)[:, :, None, :]
-    cos = jnp.cos(angles)[:, :, None, :]
+    return jnp.cos(angles)[:, :, None], jnp.sin(angles)[:, :, None]
+
+
+def apply_rope(x_BTNH: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotate the two halves of the head dimension (the Llama/Qwen convention) by the angles
+    whose (cos, sin) `rope_tables` returned."""
+    cos, sin = rope
     x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_BTNH.dtype)
@@ -180,17 +187,19 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(h, eps=cfg.norm_eps, axis="H", param_dtype=pd)
 
     def __call__(
-        self, x_BTD, positions_BT, mask_BTS, cache: LayerCache | None, cache_index, last_only=False
+        self, x_BTD, rope, mask_BTS, cache: LayerCache | None, cache_index, last_only=False
     ):
-        """With `last_only`, keys and values cover all T positions (the cache needs them) but
-        only the last position queries: the output is [B, 1, D]."""
+        """`rope`: the (cos, sin) tables of `rope_tables` for the T positions. With
+        `last_only`, keys and values cover all T positions (the cache needs them) but only the
+        last position queries: the output is [B, 1, D]."""
         cfg = self.cfg
         dt = cfg.dtype.jnp
         if last_only:
-            q_pos, mask_BTS = positions_BT[:, -1:], mask_BTS[:, -1:]
+            q_rope = (rope[0][:, -1:], rope[1][:, -1:])
+            mask_BTS = mask_BTS[:, -1:]
             q = project(x_BTD[:, -1:], self.q_DNH[...].astype(dt))
         else:
-            q_pos = positions_BT
+            q_rope = rope
             q = project(x_BTD, self.q_DNH[...].astype(dt))
         k = project(x_BTD, self.k_DKH[...].astype(dt))
         v = project(x_BTD, self.v_DKH[...].astype(dt))
@@ -200,9 +209,8 @@ class Attention(nnx.Module):
             v = v + self.v_bias_KH[...].astype(dt)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        q = apply_rope(q, q_pos, inv_freq)
-        k = apply_rope(k, positions_BT, inv_freq)
+        q = apply_rope(q, q_rope)
+        k = apply_rope(k, rope)
 
         k = k.transpose(0, 2, 3, 1)  # [B, K, H, T]
         v = v.transpose(0, 2, 1, 3)  # [B, K, T, H]
@@ -264,9 +272,9 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, axis="D", param_dtype=pd)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x_BTD, positions_BT, mask_BTS, cache, cache_index, last_only=False):
+    def __call__(self, x_BTD, rope, mask_BTS, cache, cache_index, last_only=False):
         h = self.attn_norm(x_BTD)
-        y, cache = self.attn(h, positions_BT, mask_BTS, cache, cache_index, last_only)
+        y, cache = self.attn(h, rope, mask_BTS, cache, cache_index, last_only)
         x_BTD = constrain_batch((x_BTD[:, -1:] if last_only else x_BTD) + y)
         return constrain_batch(x_BTD + self.mlp(self.mlp_norm(x_BTD))), cache
 
@@ -296,6 +304,7 @@ class Decoder(nnx.Module):
         cache: tuple[LayerCache, ...] | None = None,
         cache_index: jax.Array | int = 0,
         last_only: bool = False,
+        rope: tuple[jax.Array, jax.Array] | None = None,
     ) -> tuple[jax.Array, tuple[LayerCache, ...] | None]:
         """tokens_BT, positions_BT: [B, T] int; mask_BTS: [B, T, S] bool, where S = T without a
         cache and S = cache length with one (new keys are written at `cache_index`).
@@ -305,13 +314,21 @@ class Decoder(nnx.Module):
         (prefill needs no more)."""
         table = gather_fsdp(self.embed_VD[...].astype(self.cfg.dtype.jnp), tensor_dim=0)
         x = constrain_batch(table[tokens_BT])
+        if rope is None:
+            rope = self.rope(positions_BT)
         new_cache = []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache[i]
             final = last_only and i == len(self.layers) - 1
-            x, c = layer(x, positions_BT, mask_BTS, layer_cache, cache_index, final)
+            x, c = layer(x, rope, mask_BTS, layer_cache, cache_index, final)
             new_cache.append(c)
         return self.final_norm(x), (None if cache is None else tuple(new_cache))
+
+    def rope(self, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The (cos, sin) RoPE tables [B, T, 1, H/2] for these positions (see `rope_tables`)."""
+        cfg = self.cfg
+        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        return rope_tables(positions_BT, inv_freq)
 
     def logits(self, hidden_BTD: jax.Array) -> jax.Array:
         """Float32 logits [B, T, V] (or [..., V] for any leading shape)."""
