@@ -351,6 +351,7 @@ class Sampler:
         # its rows. Computing sin and cos inside the step let XLA fuse them into every head's
         # rotation, recomputed per element.
         cos_S11H, sin_S11H = model.rope(jnp.arange(state.valid_BS.shape[1])[:, None])
+        head_DV = model.head_DV()  # loop-invariant: a tied table is transposed once per call
 
         def cond(st: SamplingState):
             return (st.step < m) & ~jnp.all(st.done_B)
@@ -382,7 +383,7 @@ class Sampler:
             return SamplingState(
                 step=st.step + 1,
                 cache=cache,
-                logits_BV=model.logits(hidden[:, 0]),
+                logits_BV=model.logits(hidden[:, 0], head_DV),
                 valid_BS=valid_BS,
                 positions_B=st.positions_B + 1,
                 done_B=done_B,

@@ -120,6 +120,16 @@ def test_kv_cache_decode_equals_full_forward(tiny):
         np.testing.assert_allclose(tiny.logits(hidden)[:, 0], full[:, t], atol=1e-5)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_logits_through_head_dv_match(tied):
+    """The sampler's precomputed [D, V] head gives the same logits as the parameters."""
+    model = create_model(ModelConfig.tiny(tie_embeddings=tied), seed=1)
+    hidden = jax.random.normal(jax.random.key(0), (3, 5, model.cfg.d_model))
+    np.testing.assert_allclose(
+        model.logits(hidden, model.head_DV()), model.logits(hidden), rtol=1e-5, atol=1e-5
+    )
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="multiple of n_kv_heads"):
         ModelConfig.tiny(n_heads=4, n_kv_heads=3)

@@ -194,15 +194,18 @@ class Attention(nnx.Module):
         last position queries: the output is [B, 1, D]."""
         cfg = self.cfg
         dt = cfg.dtype.jnp
-        if last_only:
-            q_rope = (rope[0][:, -1:], rope[1][:, -1:])
-            mask_BTS = mask_BTS[:, -1:]
-            q = project(x_BTD[:, -1:], self.q_DNH[...].astype(dt))
+        q_rope = rope
+        if x_BTD.shape[1] == 1 and not last_only:
+            q, k, v = self._qkv_one_matmul(x_BTD, dt)
         else:
-            q_rope = rope
-            q = project(x_BTD, self.q_DNH[...].astype(dt))
-        k = project(x_BTD, self.k_DKH[...].astype(dt))
-        v = project(x_BTD, self.v_DKH[...].astype(dt))
+            if last_only:
+                q_rope = (rope[0][:, -1:], rope[1][:, -1:])
+                mask_BTS = mask_BTS[:, -1:]
+                q = project(x_BTD[:, -1:], self.q_DNH[...].astype(dt))
+            else:
+                q = project(x_BTD, self.q_DNH[...].astype(dt))
+            k = project(x_BTD, self.k_DKH[...].astype(dt))
+            v = project(x_BTD, self.v_DKH[...].astype(dt))
         if cfg.qkv_bias:
             q = q + self.q_bias_NH[...].astype(dt)
             k = k + self.k_bias_KH[...].astype(dt)
@@ -245,6 +248,25 @@ class Attention(nnx.Module):
         out = out.reshape(b, kv, t, r, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
         y = project(out, self.o_NHD[...].astype(dt), n_in=2)
         return y, cache
+
+    def _qkv_one_matmul(self, x_BTD, dt):
+        """q [B, T, N, H], k and v [B, T, K, H] from ONE matmul against the weights laid out as
+        [D, K, (R + 2) H]: each kv head's R query heads, then its key, then its value.
+
+        Used for a decode step (T = 1), where three [B, D] x [D, *] matmuls cost more than one:
+        1-2.5% faster sampling at batch 32 alone, 5% together with the sampler's `head_DV`
+        (interleaved runs in one process). XLA hoists the weight concatenation out of the
+        sampler's decode loop. Grouping by kv head
+        keeps a tensor-parallel split of N and K a split of the concatenated axis K."""
+        d, n, kv, h = self.cfg.d_model, self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
+        r = n // kv
+        w = jnp.concatenate(
+            [self.q_DNH[...].reshape(d, kv, r * h), self.k_DKH[...], self.v_DKH[...]], axis=2
+        ).astype(dt)
+        b, t = x_BTD.shape[:2]
+        y = project(x_BTD, w).reshape(b, t, kv, (r + 2) * h)
+        q = y[..., : r * h].reshape(b, t, n, h)
+        return q, y[..., r * h : (r + 1) * h], y[..., (r + 1) * h :]
 
 
 class MLP(nnx.Module):
@@ -330,12 +352,27 @@ class Decoder(nnx.Module):
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         return rope_tables(positions_BT, inv_freq)
 
-    def logits(self, hidden_BTD: jax.Array) -> jax.Array:
-        """Float32 logits [B, T, V] (or [..., V] for any leading shape)."""
+    def head_DV(self) -> jax.Array:
+        """The output projection as [D, V] in the compute dtype: the untied head itself, or a
+        transposed copy of the tied embedding (V x D more memory while it lives).
+
+        The sampler makes it once per call, outside its decode loop: a [32, 256] x [256, 4096]
+        product ran 15% faster against [D, V] than against the [V, D] table transposed
+        (measured, XLA:CPU)."""
         if self.cfg.tie_embeddings:
+            return self.embed_VD[...].T.astype(self.cfg.dtype.jnp)
+        return self.lm_head_DV[...].astype(self.cfg.dtype.jnp)
+
+    def logits(self, hidden_BTD: jax.Array, head_DV: jax.Array | None = None) -> jax.Array:
+        """Float32 logits [B, T, V] (or [..., V] for any leading shape). `head_DV`: the output
+        projection from `head_DV()`, when the caller keeps one; otherwise read from the
+        parameters."""
+        if head_DV is None and self.cfg.tie_embeddings:
             w = gather_fsdp(self.embed_VD[...].astype(hidden_BTD.dtype), tensor_dim=0)
             return project(hidden_BTD, w, transpose_w=True, preferred_element_type=jnp.float32)
-        w = gather_fsdp(self.lm_head_DV[...].astype(hidden_BTD.dtype), tensor_dim=1)
+        if head_DV is None:
+            head_DV = self.lm_head_DV[...]
+        w = gather_fsdp(head_DV.astype(hidden_BTD.dtype), tensor_dim=1)
         return project(hidden_BTD, w, preferred_element_type=jnp.float32)
 
     def forward(self, tokens_BT: jax.Array, segment_ids_BT: jax.Array | None = None) -> jax.Array:
