@@ -1,7 +1,8 @@
 """One performance benchmark: sampling, RL train step and achieved FLOP/s, with peak memory.
 
-    python -m experiments.bench.perf [--batches 1 8 32 128] [--runs 5] [--only sample|train|flops]
-                                     [--skip-tunix] [--skip-torch] [--out PATH]
+    python -m experiments.bench.perf [--batches 1 8 32 128] [--runs 5] [--sample-rounds 3]
+                                     [--only sample|train|flops] [--skip-tunix] [--skip-torch]
+                                     [--out PATH]
 
 All systems run the same Qwen2-architecture weights (vocab 4096, hidden 256, 4 layers, 4 heads,
 2 kv heads, MLP 1024, tied embeddings, float32), built once by transformers into one safetensors
@@ -9,7 +10,10 @@ checkpoint; jaxgrm imports it with `load_hf_checkpoint`, transformers and tunix 
 directory. Every (system, task, batch) runs in its own subprocess (`--worker NAME`, printing one
 JSON line), so each reports its own peak RSS (`ru_maxrss`; for JAX this includes the XLA
 compiler). Timings are the median of `--runs` timed runs after one warm-up run; compile time is
-reported separately.
+reported separately. Sampling runs every system `--sample-rounds` times (default 3), round-robin
+with the order rotated, and takes the median over all rounds' timed runs: on a shared machine a
+burst of load from elsewhere then falls on every system alike instead of on whichever ran
+during it; each round's own ratios are kept too.
 
 1. Sampling tokens/s at each batch (64 prompt tokens, exactly 64 new tokens, top-k 50): jaxgrm's
    `Sampler`, transformers `generate` (torch CPU, 2 threads, OMP_WAIT_POLICY=PASSIVE) and tunix
@@ -537,6 +541,29 @@ def machine_facts() -> dict:
     )  # fmt: skip
 
 
+def merge_rounds(results: list[dict], tokens: int) -> dict:
+    """One system's sampling results from several rounds as one: tokens/s from the median of
+    all timed runs of all rounds, peak memory the largest, the first round's other fields, and
+    each round's own tokens/s under `rounds_tokens_per_s`. A round that failed is kept under
+    `failed_rounds`; all failing gives the first failure."""
+    ok = [r for r in results if isinstance(r, dict) and "error" not in r]
+    if not ok:
+        return results[0]
+    times = [t for r in ok for t in (r.get("times_s") or r.get("runs_s") or [])]
+    merged = dict(ok[0])
+    med = statistics.median(times)
+    merged.update(
+        tokens_per_s=tokens / med, step_s=med, times_s=times,
+        peak_rss_mb=max(r.get("peak_rss_mb") or 0 for r in ok),
+        rounds_tokens_per_s=[r.get("tokens_per_s") for r in ok],
+    )  # fmt: skip
+    merged.pop("runs_s", None)
+    merged.pop("median_s", None)
+    if len(ok) < len(results):
+        merged["failed_rounds"] = [r for r in results if r not in ok]
+    return merged
+
+
 def _ratio(a, b):
     return a / b if a and b else None
 
@@ -549,8 +576,14 @@ def _get(d, key):
     return d.get(key) if isinstance(d, dict) else None
 
 
+def _span(ratios) -> str:
+    vals = [x for x in ratios or [] if x is not None]
+    return f" ({min(vals):.2f}-{max(vals):.2f})" if len(vals) > 1 else ""
+
+
 def print_sample_table(rows):
     print("\n### Sampling (64 prompt + 64 new tokens, top-k 50), tokens/s\n")
+    print("Medians over all rounds' timed runs; in brackets, the range of the per-round ratios.\n")
     print(
         "| batch | jaxgrm | transformers | tunix | ours/transformers | ours/tunix "
         "| jaxgrm compile s | tunix compile s | peak MB jaxgrm / transformers / tunix |"
@@ -559,11 +592,15 @@ def print_sample_table(rows):
     for r in rows:
         o, h, t = r["jaxgrm"], r.get("transformers"), r.get("tunix")
         peaks = " / ".join(_fmt(_get(x, "peak_rss_mb")) for x in (o, h, t))
+        vs_h = _fmt(r["ours_over_transformers"], ".2f") + _span(
+            r.get("ours_over_transformers_per_round")
+        )
+        vs_t = _fmt(r["ours_over_tunix"], ".2f") + _span(r.get("ours_over_tunix_per_round"))
         print(
             f"| {r['batch']} | {_fmt(_get(o, 'tokens_per_s'))} | {_fmt(_get(h, 'tokens_per_s'))} "
-            f"| {_fmt(_get(t, 'tokens_per_s'))} | {_fmt(r['ours_over_transformers'], '.2f')} "
-            f"| {_fmt(r['ours_over_tunix'], '.2f')} | {_fmt(_get(o, 'compile_s'), '.1f')} "
-            f"| {_fmt(_get(t, 'compile_s'), '.1f')} | {peaks} |"
+            f"| {_fmt(_get(t, 'tokens_per_s'))} | {vs_h} | {vs_t} "
+            f"| {_fmt(_get(o, 'compile_s'), '.1f')} | {_fmt(_get(t, 'compile_s'), '.1f')} "
+            f"| {peaks} |"
         )
 
 
@@ -671,25 +708,41 @@ def main_parent(args):
                 raise SystemExit(f"could not build the checkpoint: {built}")
 
         if "sample" in tasks:
-            rows = []
-            for batch in args.batches:
-                row = dict(batch=batch)
-                row["jaxgrm"] = run_cmd(
+            systems = {
+                "jaxgrm": lambda batch: run_cmd(
                     worker_cmd("ours-sample", args, ckpt=ckpt, batch=batch),
                     f"jaxgrm sample b={batch}", args.worker_timeout,
-                )  # fmt: skip
-                if not args.skip_torch:
-                    row["transformers"] = run_cmd(
-                        worker_cmd("hf-sample", args, ckpt=ckpt, batch=batch),
-                        f"transformers sample b={batch}", args.worker_timeout,
-                    )  # fmt: skip
-                if not tunix_note:
-                    row["tunix"] = tunix("sample", batch=batch)
+                ),
+                "transformers": lambda batch: run_cmd(
+                    worker_cmd("hf-sample", args, ckpt=ckpt, batch=batch),
+                    f"transformers sample b={batch}", args.worker_timeout,
+                ),
+                "tunix": lambda batch: tunix("sample", batch=batch),
+            }  # fmt: skip
+            if args.skip_torch:
+                del systems["transformers"]
+            if tunix_note:
+                del systems["tunix"]
+            rows = []
+            for batch in args.batches:
+                # Rounds: every system once per round, the order rotated, so a burst of load
+                # from elsewhere on a shared machine falls on all of them alike.
+                per_round: dict[str, list] = {name: [] for name in systems}
+                names = list(systems)
+                for r in range(args.sample_rounds):
+                    for name in names[r % len(names) :] + names[: r % len(names)]:
+                        per_round[name].append(systems[name](batch))
+                row = dict(batch=batch)
+                for name, results_ in per_round.items():
+                    row[name] = merge_rounds(results_, batch * NEW_TOKENS)
                 ours = _get(row["jaxgrm"], "tokens_per_s")
-                row["ours_over_transformers"] = _ratio(
-                    ours, _get(row.get("transformers"), "tokens_per_s")
-                )
-                row["ours_over_tunix"] = _ratio(ours, _get(row.get("tunix"), "tokens_per_s"))
+                for name in ("transformers", "tunix"):
+                    row[f"ours_over_{name}"] = _ratio(ours, _get(row.get(name), "tokens_per_s"))
+                    other = per_round.get(name) or [None] * args.sample_rounds
+                    row[f"ours_over_{name}_per_round"] = [
+                        _ratio(_get(a, "tokens_per_s"), _get(b_, "tokens_per_s"))
+                        for a, b_ in zip(per_round["jaxgrm"], other, strict=True)
+                    ]
                 rows.append(row)
             results["sample"] = rows
 
@@ -750,6 +803,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--runs", type=int, default=5, help="timed runs after one warm-up")
+    parser.add_argument(
+        "--sample-rounds", type=int, default=3,
+        help="sampling: run every system this many times, interleaved; medians over all runs",
+    )  # fmt: skip
     parser.add_argument("--only", choices=["sample", "train", "flops"])
     parser.add_argument("--skip-tunix", action="store_true")
     parser.add_argument("--skip-torch", action="store_true")
@@ -772,6 +829,8 @@ def main():
     args = parser.parse_args()
     if args.runs < 1:
         parser.error("--runs must be >= 1")
+    if args.sample_rounds < 1:
+        parser.error("--sample-rounds must be >= 1")
     if args.worker:
         print(json.dumps(WORKERS[args.worker](args), default=str), flush=True)
     else:
