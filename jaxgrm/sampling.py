@@ -353,21 +353,28 @@ class Sampler:
         cos_S11H, sin_S11H = model.rope(jnp.arange(state.valid_BS.shape[1])[:, None])
         head_DV = model.head_DV()  # loop-invariant: a tied table is transposed once per call
 
-        def cond(st: SamplingState):
-            return (st.step < m) & ~jnp.all(st.done_B)
-
-        def body(st: SamplingState) -> SamplingState:
+        def emit(st: SamplingState, go) -> tuple[SamplingState, jax.Array, jax.Array]:
+            """Draw every live row's next token from st.logits_BV and record it (nothing is
+            recorded where `go` is False). Returns the state and the tokens and live rows."""
             key, sub = jax.random.split(st.key)
             tok, logp = next_tokens(st.logits_BV, sub, cfg)
-            live = ~st.done_B
+            live = ~st.done_B & go
             tok = jnp.where(live, tok, cfg.pad_id)
             col = (0, st.step)
-            tokens_BM = jax.lax.dynamic_update_slice(st.tokens_BM, tok[:, None], col)
-            logprobs_BM = jax.lax.dynamic_update_slice(
-                st.logprobs_BM, jnp.where(live, logp, 0.0)[:, None], col
+            st = st.replace(
+                step=st.step + jnp.asarray(go, jnp.int32),
+                done_B=st.done_B | (live & jnp.isin(tok, stop_ids)),
+                tokens_BM=jax.lax.dynamic_update_slice(st.tokens_BM, tok[:, None], col),
+                logprobs_BM=jax.lax.dynamic_update_slice(
+                    st.logprobs_BM, jnp.where(live, logp, 0.0)[:, None], col
+                ),
+                mask_BM=jax.lax.dynamic_update_slice(st.mask_BM, live[:, None], col),
+                key=key,
             )
-            mask_BM = jax.lax.dynamic_update_slice(st.mask_BM, live[:, None], col)
-            done_B = st.done_B | jnp.isin(tok, stop_ids)
+            return st, tok, live
+
+        def body(st: SamplingState) -> SamplingState:
+            new, tok, live = emit(st, True)
             # Feed the new token: it occupies cache slot prompt_len + step.
             slot = prompt_len + st.step
             valid_BS = jax.lax.dynamic_update_slice(st.valid_BS, live[:, None], (0, slot))
@@ -380,17 +387,14 @@ class Sampler:
                 slot,
                 rope=rope,
             )
-            return SamplingState(
-                step=st.step + 1,
+            return new.replace(
                 cache=cache,
                 logits_BV=model.logits(hidden[:, 0], head_DV),
                 valid_BS=valid_BS,
                 positions_B=st.positions_B + 1,
-                done_B=done_B,
-                tokens_BM=tokens_BM,
-                logprobs_BM=logprobs_BM,
-                mask_BM=mask_BM,
-                key=key,
             )
 
-        return jax.lax.while_loop(cond, body, state)
+        # The loop feeds the first m - 1 tokens through the model; the last one is drawn after
+        # it, without the forward pass nothing would read (1/m of the decode work).
+        state = jax.lax.while_loop(lambda st: (st.step < m - 1) & ~jnp.all(st.done_B), body, state)
+        return emit(state, (state.step < m) & ~jnp.all(state.done_B))[0]

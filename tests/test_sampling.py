@@ -101,6 +101,20 @@ def test_exits_early_when_all_rows_stop(model, params):
     assert int(state.step) == first + 1  # the loop ran no further than the stop
 
 
+@pytest.mark.parametrize("m", [1, 3])
+def test_last_token_drawn_after_the_loop_matches_a_longer_run(model, params, m):
+    """The decode loop feeds m - 1 tokens and draws the m-th after it: the same tokens and
+    log-probabilities as the first m of a longer run with the same key."""
+    cfg = SamplingConfig(max_new_tokens=m, num_samples=2, top_k=20)
+    short = Sampler(model, cfg)(params, PROMPTS, jax.random.key(4))
+    long = Sampler(model, dataclasses.replace(cfg, max_new_tokens=8))(
+        params, PROMPTS, jax.random.key(4)
+    )
+    assert short.tokens_BM.shape == (6, m) and bool(short.mask_BM.all())
+    np.testing.assert_array_equal(short.tokens_BM, long.tokens_BM[:, :m])
+    np.testing.assert_allclose(short.logprobs_BM, long.logprobs_BM[:, :m], atol=1e-6)
+
+
 def test_same_key_same_output_and_samples_differ(model, params):
     sampler = Sampler(model, SamplingConfig(max_new_tokens=10, num_samples=4))
     a = sampler(params, PROMPTS, jax.random.key(7))
