@@ -80,6 +80,8 @@ class SamplingState:
     positions_B: [B] int32 position of the next token.   done_B: [B] bool, row has stopped.
     tokens_BM: [B, M] int32.   logprobs_BM: [B, M] float32.   mask_BM: [B, M] bool.
     key: PRNG key for the remaining steps.
+    The decode draws the last token without feeding it through the model, so the state it
+    returns has that token recorded but logits_BV, cache, valid_BS and positions_B from before.
     """
 
     step: jax.Array
@@ -178,9 +180,10 @@ def _filtered_weights(x_BV, x_max_B1, weights_BV, cfg: SamplingConfig) -> jax.Ar
 def first_argmax(x_BV: jax.Array) -> jax.Array:
     """argmax over the last axis (the first index of the maximum) as two plain reductions.
 
-    XLA's CPU argmax is a variadic (value, index) reduce: 270 us on [32, 4096] float32 against
-    ~20 us for a max and a min (measured). A row holding NaN gives index 0 (jnp.argmax gives the
-    NaN's index); never an out-of-range index."""
+    XLA's CPU argmax is a variadic (value, index) reduce: ~270 us per call on [32, 4096] float32
+    in a decode-like loop; with this, greedy decoding's per-step token choice and log-probability
+    went 638 -> 187 us (measured). A row holding NaN gives index 0 (jnp.argmax gives the NaN's
+    index); never an out-of-range index."""
     v = x_BV.shape[-1]
     is_max = x_BV == x_BV.max(axis=-1, keepdims=True)
     first = jnp.where(is_max, jnp.arange(v, dtype=jnp.int32), v).min(axis=-1)

@@ -256,8 +256,8 @@ class Attention(nnx.Module):
         Used for a decode step (T = 1), where three [B, D] x [D, *] matmuls cost more than one:
         1-2.5% faster sampling at batch 32 alone, 5% together with the sampler's `head_DV`
         (interleaved runs in one process). XLA hoists the weight concatenation out of the
-        sampler's decode loop. Grouping by kv head
-        keeps a tensor-parallel split of N and K a split of the concatenated axis K."""
+        sampler's decode loop. Grouping by kv head keeps a tensor-parallel split of N and K a
+        split of the concatenated axis K."""
         d, n, kv, h = self.cfg.d_model, self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
         r = n // kv
         w = jnp.concatenate(
