@@ -158,11 +158,14 @@ def _filtered_weights(x_BV, x_max_B1, weights_BV, cfg: SamplingConfig) -> jax.Ar
     that top-k and top-p exclude set to 0."""
     weights = weights_BV
     if cfg.top_k and cfg.top_k < x_BV.shape[-1]:
-        # Counting in float32 is exact below 2**24 and fuses better than an integer sum.
+        # Counting in float32 is exact below 2**24. Written as a converted comparison, a pass
+        # costs ~25 us on [32, 4096] in the decode loop (a compare pass plus a YNNPACK sum);
+        # where(x >= t, 1.0, 0.0) made a select pass plus a slower reduction (~47 us), an int32
+        # sum a compare pass plus a reduce-window (~33 us). Measured by profile, XLA:CPU.
         kth = _bisect(
             x_BV.min(axis=-1, keepdims=True),
             x_max_B1,
-            lambda t: jnp.where(x_BV >= t, 1.0, 0.0).sum(-1, keepdims=True),
+            lambda t: (x_BV >= t).astype(jnp.float32).sum(-1, keepdims=True),
             jnp.full_like(x_max_B1, cfg.top_k),
         )
         weights = jnp.where(x_BV >= kth, weights, 0.0)

@@ -13,6 +13,7 @@ from jaxgrm.model import (
     segment_mask,
     segment_positions,
 )
+from jaxgrm.model.decoder import project
 
 
 def _tokens(key, b, t, v):
@@ -198,3 +199,71 @@ def test_last_only_prefill_matches_full_and_fills_the_same_cache(tiny):
     np.testing.assert_allclose(h_last[:, 0], h_all[:, -1], atol=1e-5)
     for a, b in zip(jax.tree.leaves(c_all), jax.tree.leaves(c_last), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def _bf16_exact(a):
+    """a rounded to bfloat16 and back: products of two such numbers are exact in float32."""
+    return a.astype(jnp.bfloat16).astype(jnp.float32)
+
+
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_mixed_precision_project_forward_and_gradients(transpose_w):
+    """operand_dtype=bfloat16: operands rounded to bf16, products accumulated in f32, and the
+    backward matmuls (a custom VJP) take bf16 operands too, with f32 gradients out."""
+    x = jax.random.normal(jax.random.key(0), (6, 4, 32))
+    w = jax.random.normal(jax.random.key(1), (16, 32) if transpose_w else (32, 16))
+    c = jax.random.normal(jax.random.key(2), (6, 4, 16))
+    wn = w.T if transpose_w else w  # [in, out]
+
+    def loss(x, w):
+        return (project(x, w, transpose_w=transpose_w, operand_dtype="bfloat16") * c).sum()
+
+    y = project(x, w, transpose_w=transpose_w, operand_dtype="bfloat16")
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(y, _bf16_exact(x) @ _bf16_exact(wn), rtol=1e-5, atol=1e-5)
+    dx, dw = jax.grad(loss, argnums=(0, 1))(x, w)
+    assert dx.dtype == dw.dtype == jnp.float32
+    np.testing.assert_allclose(dx, _bf16_exact(c) @ _bf16_exact(wn).T, rtol=1e-5, atol=1e-5)
+    dw_in_out = jnp.einsum("bti,bto->io", _bf16_exact(x), _bf16_exact(c))
+    np.testing.assert_allclose(dw, dw_in_out.T if transpose_w else dw_in_out, rtol=1e-5, atol=1e-4)
+    # The forward matmul and both backward ones (the loss is linear in y, so its gradient
+    # needs no forward matmul) multiply bfloat16 operands.
+    for fn, n in ((loss, 1), (jax.grad(loss, argnums=(0, 1)), 2)):
+        hlo = jax.jit(fn).lower(x, w).as_text()
+        dots = [line for line in hlo.splitlines() if "stablehlo.dot_general" in line]
+        assert len(dots) == n
+        for line in dots:
+            operands = line.rsplit(":", 1)[1].split("->")[0]
+            assert operands.count("bf16") == 2, line
+    # A bf16 x and a preferred f32 result: the result dtype is the preferred one.
+    y16 = project(x.astype(jnp.bfloat16), w, transpose_w=transpose_w, operand_dtype="bfloat16")
+    assert y16.dtype == jnp.bfloat16
+
+
+def test_bf16_matmuls_close_to_fp32_forward_and_gradient():
+    """ModelConfig.matmul_dtype: same float32 weights, only the matmul operands rounded."""
+    cfg = ModelConfig.tiny(qkv_bias=True)
+    m32 = create_model(cfg, seed=4)
+    mmx = create_model(cfg.replace(matmul_dtype="bfloat16"), seed=0)
+    nnx.update(mmx, nnx.state(m32))
+    assert mmx.cfg.matmul_dtype == "bfloat16" and cfg.matmul_dtype is None
+    tok = _tokens(6, 2, 16, cfg.vocab_size)
+    p32, pmx = jax.nn.softmax(m32.forward(tok)), jax.nn.softmax(mmx.forward(tok))
+    assert float(jnp.abs(p32 - pmx).sum(-1).max()) < 0.05
+    assert float(jnp.mean(p32.argmax(-1) == pmx.argmax(-1))) > 0.9
+
+    def grads(model):
+        graphdef, state = nnx.split(model)
+
+        def loss(state):
+            logits = nnx.merge(graphdef, state).forward(tok)
+            logp = jax.nn.log_softmax(logits[:, :-1])
+            return -jnp.take_along_axis(logp, tok[:, 1:, None], -1).mean()
+
+        return jax.grad(loss)(state)
+
+    g32, gmx = grads(m32), grads(mmx)
+    for a, b in zip(jax.tree.leaves(g32), jax.tree.leaves(gmx), strict=True):
+        assert b.dtype == jnp.float32
+        cos = float((a * b).sum() / (jnp.linalg.norm(a) * jnp.linalg.norm(b) + 1e-30))
+        assert cos > 0.99, cos

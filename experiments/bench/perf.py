@@ -1,6 +1,7 @@
 """One performance benchmark: sampling, RL train step and achieved FLOP/s, with peak memory.
 
     python -m experiments.bench.perf [--batches 1 8 32 128] [--runs 5] [--sample-rounds 3]
+                                     [--sample-dtypes float32 bfloat16]
                                      [--only sample|train|flops] [--skip-tunix] [--skip-torch]
                                      [--out PATH]
 
@@ -17,7 +18,12 @@ during it; each round's own ratios are kept too.
 
 1. Sampling tokens/s at each batch (64 prompt tokens, exactly 64 new tokens, top-k 50): jaxgrm's
    `Sampler`, transformers `generate` (torch CPU, 2 threads, OMP_WAIT_POLICY=PASSIVE) and tunix
-   (`experiments/bench/tunix_side.py` run by `--tunix-python`).
+   (`experiments/bench/tunix_side.py` run by `--tunix-python`), once per `--sample-dtypes`
+   entry. float32: every system in float32. bfloat16: each system's own bfloat16 mode on the
+   same float32 checkpoint: jaxgrm with `matmul_dtype="bfloat16"` (bfloat16 operands of the
+   weight matmuls, float32 accumulation, float32 weights, activations and KV cache), tunix
+   with dtype = param_dtype = bfloat16 (weights, activations and cache in bfloat16),
+   transformers with torch_dtype bfloat16.
 2. RL train-step tokens/s (GRPO clipped surrogate, token mean over completion tokens, forward +
    backward + AdamW with global-norm clipping; 32 rows of 128 tokens, the second half of each row
    is completion): jaxgrm's `jit_train_step` with `PolicyGradient`, a plain torch loop over the
@@ -26,7 +32,9 @@ during it; each round's own ratios are kept too.
    Three more rows show what jaxgrm's host malloc settings (`jaxgrm.hostmem`, applied on
    import) are worth: jaxgrm with glibc's defaults (JAXGRM_HOST_MALLOC=off), and torch and tunix
    with jaxgrm's settings. With the settings the heap reaches its steady state after a step or
-   two, which is one reason for five timed runs: the median is the steady state.
+   two, which is one reason for five timed runs: the median is the steady state. One more row
+   trains jaxgrm with `matmul_dtype="bfloat16"` (mixed precision: float32 weights and
+   optimizer, bfloat16 matmul operands forward and backward, float32 accumulation).
 3. Achieved FLOP/s of jaxgrm's train step for the `small` preset at sequence 512 (batch 8), as a
    fraction of (a) this machine's jitted float32 `dot_general` throughput on exactly the matmul
    shapes the step runs (forward, input-gradient and weight-gradient forms), weighted by FLOPs,
@@ -123,6 +131,11 @@ def worker_build(args) -> dict:
     return dict(files=sorted(os.listdir(args.ckpt)))
 
 
+def _matmul_dtype(args) -> str | None:
+    """jaxgrm's `matmul_dtype` for a worker's `--dtype`: None (float32 throughout) or bfloat16."""
+    return None if args.dtype == "float32" else args.dtype
+
+
 def _jax_info() -> dict:
     import jax
 
@@ -140,7 +153,7 @@ def worker_ours_sample(args) -> dict:
     from jaxgrm.model.hf import load_hf_checkpoint
     from jaxgrm.sampling import Sampler, SamplingConfig
 
-    model = load_hf_checkpoint(args.ckpt)
+    model = load_hf_checkpoint(args.ckpt, matmul_dtype=_matmul_dtype(args))
     sampler = Sampler(
         model,
         SamplingConfig(
@@ -160,7 +173,7 @@ def worker_ours_sample(args) -> dict:
     return dict(
         tokens_per_s=args.batch * NEW_TOKENS / med, step_s=med, compile_s=warm - med,
         times_s=times, num_compiles=sampler.num_compiles, peak_rss_mb=peak_rss_mb(),
-        **_jax_info(),
+        dtype=args.dtype, matmul_dtype=_matmul_dtype(args), **_jax_info(),
     )  # fmt: skip
 
 
@@ -175,7 +188,8 @@ def worker_hf_sample(args) -> dict:
     torch = _torch_setup()
     import transformers
 
-    model = transformers.Qwen2ForCausalLM.from_pretrained(args.ckpt, dtype=torch.float32).eval()
+    dtype = getattr(torch, args.dtype)
+    model = transformers.Qwen2ForCausalLM.from_pretrained(args.ckpt, dtype=dtype).eval()
     prompts = np.random.default_rng(0).integers(1, VOCAB, (args.batch, PROMPT_LEN))
     prompts = torch.from_numpy(prompts)
     attention = torch.ones_like(prompts)
@@ -194,7 +208,7 @@ def worker_hf_sample(args) -> dict:
     med = statistics.median(times)
     return dict(
         tokens_per_s=args.batch * NEW_TOKENS / med, step_s=med, warmup_s=warm, times_s=times,
-        threads=torch.get_num_threads(), peak_rss_mb=peak_rss_mb(),
+        threads=torch.get_num_threads(), peak_rss_mb=peak_rss_mb(), dtype=args.dtype,
     )  # fmt: skip
 
 
@@ -243,7 +257,7 @@ def _time_ours_train(compiled, state, batch, runs):
 def worker_ours_train(args) -> dict:
     from jaxgrm.model.hf import load_hf_checkpoint
 
-    model = load_hf_checkpoint(args.ckpt)
+    model = load_hf_checkpoint(args.ckpt, matmul_dtype=_matmul_dtype(args))
     batch_np = rl_batch(args.batch, args.seq, model.cfg.vocab_size)
     compiled, state, batch, compile_s, cost, _ = _ours_train_setup(model, batch_np)
     warm, times, losses, _ = _time_ours_train(compiled, state, batch, args.runs)
@@ -251,7 +265,8 @@ def worker_ours_train(args) -> dict:
     return dict(
         tokens_per_s=args.batch * args.seq / med, step_s=med, compile_s=compile_s,
         first_call_s=warm, times_s=times, first_loss=losses[0], losses=losses,
-        xla_cost=cost, peak_rss_mb=peak_rss_mb(), **_jax_info(),
+        xla_cost=cost, peak_rss_mb=peak_rss_mb(), matmul_dtype=_matmul_dtype(args),
+        **_jax_info(),
     )  # fmt: skip
 
 
@@ -585,10 +600,10 @@ def print_sample_table(rows):
     print("\n### Sampling (64 prompt + 64 new tokens, top-k 50), tokens/s\n")
     print("Medians over all rounds' timed runs; in brackets, the range of the per-round ratios.\n")
     print(
-        "| batch | jaxgrm | transformers | tunix | ours/transformers | ours/tunix "
+        "| dtype | batch | jaxgrm | transformers | tunix | ours/transformers | ours/tunix "
         "| jaxgrm compile s | tunix compile s | peak MB jaxgrm / transformers / tunix |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         o, h, t = r["jaxgrm"], r.get("transformers"), r.get("tunix")
         peaks = " / ".join(_fmt(_get(x, "peak_rss_mb")) for x in (o, h, t))
@@ -597,7 +612,8 @@ def print_sample_table(rows):
         )
         vs_t = _fmt(r["ours_over_tunix"], ".2f") + _span(r.get("ours_over_tunix_per_round"))
         print(
-            f"| {r['batch']} | {_fmt(_get(o, 'tokens_per_s'))} | {_fmt(_get(h, 'tokens_per_s'))} "
+            f"| {r.get('dtype', 'float32')} | {r['batch']} | {_fmt(_get(o, 'tokens_per_s'))} "
+            f"| {_fmt(_get(h, 'tokens_per_s'))} "
             f"| {_fmt(_get(t, 'tokens_per_s'))} | {vs_h} | {vs_t} "
             f"| {_fmt(_get(o, 'compile_s'), '.1f')} | {_fmt(_get(t, 'compile_s'), '.1f')} "
             f"| {peaks} |"
@@ -610,8 +626,8 @@ def print_train_table(train):
     print("| system | tokens/s | step s | compile s | peak MB | ours / system |")
     print("|---|---:|---:|---:|---:|---:|")
     ours = _get(train.get("jaxgrm"), "tokens_per_s")
-    names = ("jaxgrm", "jaxgrm_glibc_default_malloc", "torch", "torch_jaxgrm_malloc", "tunix")
-    for name in (*names, "tunix_jaxgrm_malloc"):
+    names = ("jaxgrm", "jaxgrm_bf16_matmul", "jaxgrm_glibc_default_malloc", "torch")
+    for name in (*names, "torch_jaxgrm_malloc", "tunix", "tunix_jaxgrm_malloc"):
         r = train.get(name)
         if r is None:
             continue
@@ -681,7 +697,7 @@ def main_parent(args):
     results: dict = dict(
         meta=machine_facts(), notes=[MEMORY_NOTE], args=vars(args),
         config=dict(vocab=VOCAB, hidden=256, layers=4, heads=4, kv_heads=2, mlp=1024,
-                    tied=True, dtype="float32"),
+                    tied=True, checkpoint_dtype="float32", sample_dtypes=args.sample_dtypes),
     )  # fmt: skip
     load, cores = results["meta"]["load_avg"][0], results["meta"]["cores"] or 1
     if load > 0.5 * cores:
@@ -709,30 +725,30 @@ def main_parent(args):
 
         if "sample" in tasks:
             systems = {
-                "jaxgrm": lambda batch: run_cmd(
-                    worker_cmd("ours-sample", args, ckpt=ckpt, batch=batch),
-                    f"jaxgrm sample b={batch}", args.worker_timeout,
+                "jaxgrm": lambda batch, dtype: run_cmd(
+                    worker_cmd("ours-sample", args, ckpt=ckpt, batch=batch, dtype=dtype),
+                    f"jaxgrm sample b={batch} {dtype}", args.worker_timeout,
                 ),
-                "transformers": lambda batch: run_cmd(
-                    worker_cmd("hf-sample", args, ckpt=ckpt, batch=batch),
-                    f"transformers sample b={batch}", args.worker_timeout,
+                "transformers": lambda batch, dtype: run_cmd(
+                    worker_cmd("hf-sample", args, ckpt=ckpt, batch=batch, dtype=dtype),
+                    f"transformers sample b={batch} {dtype}", args.worker_timeout,
                 ),
-                "tunix": lambda batch: tunix("sample", batch=batch),
+                "tunix": lambda batch, dtype: tunix("sample", batch=batch, dtype=dtype),
             }  # fmt: skip
             if args.skip_torch:
                 del systems["transformers"]
             if tunix_note:
                 del systems["tunix"]
             rows = []
-            for batch in args.batches:
+            for dtype, batch in ((d, b) for d in args.sample_dtypes for b in args.batches):
                 # Rounds: every system once per round, the order rotated, so a burst of load
                 # from elsewhere on a shared machine falls on all of them alike.
                 per_round: dict[str, list] = {name: [] for name in systems}
                 names = list(systems)
                 for r in range(args.sample_rounds):
                     for name in names[r % len(names) :] + names[: r % len(names)]:
-                        per_round[name].append(systems[name](batch))
-                row = dict(batch=batch)
+                        per_round[name].append(systems[name](batch, dtype))
+                row = dict(dtype=dtype, batch=batch)
                 for name, results_ in per_round.items():
                     row[name] = merge_rounds(results_, batch * NEW_TOKENS)
                 ours = _get(row["jaxgrm"], "tokens_per_s")
@@ -752,16 +768,17 @@ def main_parent(args):
             # Besides each system as it runs by default, jaxgrm with glibc's malloc defaults and
             # torch with jaxgrm's malloc settings (jaxgrm.hostmem), so the table shows what
             # those settings are worth to each.
-            for name, worker, malloc in (
-                ("jaxgrm", "ours-train", None),
-                ("jaxgrm_glibc_default_malloc", "ours-train", "off"),
-                ("torch", "torch-train", None),
-                ("torch_jaxgrm_malloc", "torch-train", "on"),
+            for name, worker, malloc, dtype in (
+                ("jaxgrm", "ours-train", None, "float32"),
+                ("jaxgrm_bf16_matmul", "ours-train", None, "bfloat16"),
+                ("jaxgrm_glibc_default_malloc", "ours-train", "off", "float32"),
+                ("torch", "torch-train", None, "float32"),
+                ("torch_jaxgrm_malloc", "torch-train", "on", "float32"),
             ):
                 if worker == "torch-train" and args.skip_torch:
                     continue
                 train[name] = run_cmd(
-                    worker_cmd(worker, args, ckpt=ckpt, batch=b, seq=t),
+                    worker_cmd(worker, args, ckpt=ckpt, batch=b, seq=t, dtype=dtype),
                     f"{name} train", args.worker_timeout,
                     env={HOST_MALLOC_ENV: malloc} if malloc else None,
                 )  # fmt: skip
@@ -807,6 +824,10 @@ def main():
         "--sample-rounds", type=int, default=3,
         help="sampling: run every system this many times, interleaved; medians over all runs",
     )  # fmt: skip
+    parser.add_argument(
+        "--sample-dtypes", nargs="+", choices=["float32", "bfloat16"],
+        default=["float32", "bfloat16"], help="sampling: one table section per dtype",
+    )  # fmt: skip
     parser.add_argument("--only", choices=["sample", "train", "flops"])
     parser.add_argument("--skip-tunix", action="store_true")
     parser.add_argument("--skip-torch", action="store_true")
@@ -826,6 +847,7 @@ def main():
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--seq", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--preset", default="small", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.runs < 1:
         parser.error("--runs must be >= 1")

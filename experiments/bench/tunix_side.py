@@ -3,15 +3,16 @@
 Runs under tunix's own virtual environment (it must not import jaxgrm):
 
     /tmp/tunixvenv/bin/python experiments/bench/tunix_side.py --ckpt DIR --task sample --batch B \
-        [--prompt-len 64 --new-tokens 64 --top-k 50 --runs 3]
+        [--prompt-len 64 --new-tokens 64 --top-k 50 --runs 3 --dtype float32|bfloat16]
     /tmp/tunixvenv/bin/python experiments/bench/tunix_side.py --ckpt DIR --task train \
         [--batch 32 --seq 128 --runs 3]
     /tmp/tunixvenv/bin/python experiments/bench/tunix_side.py --ckpt DIR --task logits \
         --ids IDS.npy --out LOGITS.npy
 
 The HF (transformers-written) safetensors checkpoint in DIR is loaded with tunix's own Qwen2
-loader (`tunix.models.qwen2.params.create_model_from_safe_tensors`) into float32, the tunix
-`ModelConfig` being built from DIR/config.json.
+loader (`tunix.models.qwen2.params.create_model_from_safe_tensors`), the tunix `ModelConfig`
+being built from DIR/config.json, with weights and compute in `--dtype` (tunix's `dtype` and
+`param_dtype`; float32 by default, bfloat16 for the benchmark's bfloat16 rows).
 
 - sample: `tunix.generate.sampler.Sampler` (its native JAX sampler with a KV cache) samples
   exactly `--new-tokens` tokens after `--prompt-len` random prompt tokens per row, with top-k
@@ -65,7 +66,7 @@ from tunix.sft import peft_trainer
 log = logging.getLogger("tunix_side")
 
 
-def model_config(ckpt: str) -> tuple[qwen2_model.ModelConfig, dict]:
+def model_config(ckpt: str, dtype=jnp.float32) -> tuple[qwen2_model.ModelConfig, dict]:
     with open(os.path.join(ckpt, "config.json")) as f:
         hf = json.load(f)
     rope = hf.get("rope_parameters") or {}
@@ -84,16 +85,18 @@ def model_config(ckpt: str) -> tuple[qwen2_model.ModelConfig, dict]:
         rope_theta=rope_theta,
         norm_eps=hf["rms_norm_eps"],
         use_tied_embedding=bool(hf.get("tie_word_embeddings", False)),
-        dtype=jnp.float32,
-        param_dtype=jnp.float32,
+        dtype=dtype,
+        param_dtype=dtype,
     )
     return cfg, hf
 
 
-def load_model(ckpt: str) -> qwen2_model.Qwen2:
-    cfg, _ = model_config(ckpt)
+def load_model(ckpt: str, dtype=jnp.float32) -> qwen2_model.Qwen2:
+    """The checkpoint in tunix's Qwen2, with weights and compute in `dtype` (tunix's own
+    dtype / param_dtype)."""
+    cfg, _ = model_config(ckpt, dtype)
     log.info("tunix ModelConfig: %s", cfg)
-    return qwen2_params.create_model_from_safe_tensors(ckpt, cfg, mesh=None, dtype=jnp.float32)
+    return qwen2_params.create_model_from_safe_tensors(ckpt, cfg, mesh=None, dtype=dtype)
 
 
 class IdTokenizer:
@@ -297,6 +300,12 @@ def main(argv=None) -> None:
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="tunix's dtype and param_dtype: weights and compute (default float32)",
+    )
     p.add_argument("--ids", help="logits task: .npy of int token ids [B, L]")
     p.add_argument("--out", help="logits task: .npy to write float32 logits [B, L, V] to")
     p.add_argument(
@@ -315,7 +324,7 @@ def main(argv=None) -> None:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO)
 
     t0 = time.perf_counter()
-    model = load_model(args.ckpt)
+    model = load_model(args.ckpt, jnp.dtype(args.dtype))
     load_s = time.perf_counter() - t0
     if args.task == "logits":
         if not (args.ids and args.out):
@@ -339,6 +348,7 @@ def main(argv=None) -> None:
         "load_s": load_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "jaxgrm_malloc": args.jaxgrm_malloc,
+        "dtype": args.dtype,
         "tunix_version": importlib.metadata.version("google-tunix"),
         "jax_version": jax.__version__,
         "flax_version": importlib.metadata.version("flax"),

@@ -42,7 +42,13 @@ class ModelConfig:
     vocab_size (V), d_model (D), n_layers, n_heads (N), n_kv_heads (K), head_dim (H),
     mlp_dim (F). `qkv_bias` is Qwen2's, `qk_norm` is Qwen3's per-head RMSNorm on q and k.
     `param_dtype` is the storage dtype of weights, `dtype` the compute dtype of activations;
-    norms, softmax and logits are computed in float32 whatever `dtype` is.
+    norms, softmax and logits are computed in float32 whatever `dtype` is. `matmul_dtype`, when
+    set, is the operand dtype of the weight matmuls only (the q/k/v/o, MLP and vocabulary
+    projections): both operands are cast to it, the product accumulates in float32 and comes
+    back in `dtype`; attention, the KV cache, norms and everything else stay in `dtype`.
+    `matmul_dtype="bfloat16"` with float32 params and `dtype` is mixed precision for CPUs with
+    bfloat16 dot-product instructions (AVX512_BF16, AMX) and for TPUs; None (the default)
+    multiplies in `dtype`.
     """
 
     vocab_size: int
@@ -61,6 +67,7 @@ class ModelConfig:
     max_seq_len: int = 2048
     param_dtype: DType = DType.FLOAT32
     dtype: DType = DType.FLOAT32
+    matmul_dtype: DType | None = None
     name: str = "custom"
 
     def __post_init__(self):
@@ -79,6 +86,8 @@ class ModelConfig:
         # Accept plain strings for the dtypes (from JSON or the command line).
         object.__setattr__(self, "param_dtype", DType(self.param_dtype))
         object.__setattr__(self, "dtype", DType(self.dtype))
+        if self.matmul_dtype is not None:
+            object.__setattr__(self, "matmul_dtype", DType(self.matmul_dtype))
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)

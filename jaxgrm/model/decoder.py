@@ -13,6 +13,7 @@ jit pure functions of (params, cache) and donate the cache.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -58,21 +59,78 @@ def gather_fsdp(w: jax.Array, tensor_dim: int) -> jax.Array:
     return jax.lax.with_sharding_constraint(w, jax.sharding.PartitionSpec(*spec))
 
 
-def project(x: jax.Array, w: jax.Array, n_in: int = 1, transpose_w: bool = False, **kw):
+def project(
+    x: jax.Array,
+    w: jax.Array,
+    n_in: int = 1,
+    transpose_w: bool = False,
+    operand_dtype=None,
+    **kw,
+):
     """x [..., *in] times w [*in, *out] (or w [*out, *in] with `transpose_w`) -> [..., *out],
     computed as ONE 2-D matmul [rows, in] x [in, out]. On XLA's CPU backend the backward pass
     of the same product written as a multi-dimensional einsum ("BTD,DNH->BTNH") ran 1.2-3.6x
     slower (measured: experiments/bench/perf.py and the README's performance section); the
-    flattened form is never slower. `kw` goes to the matmul (e.g. preferred_element_type)."""
+    flattened form is never slower. `kw` goes to the matmul (e.g. preferred_element_type).
+
+    `operand_dtype` (a `ModelConfig.matmul_dtype`): when x or w is in another dtype, both are
+    cast to it, the product accumulates in float32 and returns in x's dtype (or in
+    `preferred_element_type`); the backward pass multiplies in `operand_dtype` too (see
+    `_mixed_dot`). Without it the matmul runs in the operands' own dtype, as written."""
     in_shape = x.shape[x.ndim - n_in :]
     size_in = math.prod(in_shape)
     out_shape = w.shape[: w.ndim - n_in] if transpose_w else w.shape[n_in:]
     x2 = x.reshape(-1, size_in)
-    if transpose_w:
-        y = jax.lax.dot_general(x2, w.reshape(-1, size_in), (((1,), (1,)), ((), ())), **kw)
+    w2 = w.reshape(-1, size_in) if transpose_w else w.reshape(size_in, -1)
+    od = None if operand_dtype is None else jnp.dtype(operand_dtype)
+    if od is not None and (x.dtype != od or w.dtype != od):
+        out_dtype = jnp.dtype(kw.pop("preferred_element_type", None) or x.dtype)
+        y = _mixed_dot(transpose_w, od, out_dtype, x2, w2)
     else:
-        y = jax.lax.dot_general(x2, w.reshape(size_in, -1), (((1,), (0,)), ((), ())), **kw)
+        y = _dot(x2, w2, transpose_w, **kw)
     return y.reshape(*x.shape[: x.ndim - n_in], *out_shape)
+
+
+def _dot(x2: jax.Array, w2: jax.Array, transpose_w: bool, **kw) -> jax.Array:
+    """[rows, in] x [in, out], or x [rows, in] x w [out, in] transposed."""
+    dims = (((1,), (1,)), ((), ())) if transpose_w else (((1,), (0,)), ((), ()))
+    return jax.lax.dot_general(x2, w2, dims, **kw)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _mixed_dot(transpose_w: bool, od, out_dtype, x2: jax.Array, w2: jax.Array) -> jax.Array:
+    """`_dot` with both operands cast to `od`, float32 accumulation, the result in `out_dtype`.
+
+    A custom VJP because JAX's own transpose of a dot with a wider result multiplies the
+    cotangent in that wider dtype (both backward matmuls would run in float32); here they take
+    bfloat16 operands too, and the gradients come back in the inputs' own dtypes."""
+    return _mixed_dot_fwd(transpose_w, od, out_dtype, x2, w2)[0]
+
+
+def _mixed_dot_fwd(transpose_w, od, out_dtype, x2, w2):
+    xo, wo = x2.astype(od), w2.astype(od)
+    y = _dot(xo, wo, transpose_w, preferred_element_type=jnp.float32).astype(out_dtype)
+    # Residuals in the operand dtype (half the memory of float32 ones); the zero-size arrays
+    # carry the inputs' dtypes to the backward pass.
+    return y, (xo, wo, jnp.zeros((0,), x2.dtype), jnp.zeros((0,), w2.dtype))
+
+
+def _mixed_dot_bwd(transpose_w, od, out_dtype, res, g):
+    xo, wo, x_dt, w_dt = res
+    go = g.astype(od)
+
+    def mm(a, b, contract):
+        dims = (contract, ((), ()))
+        return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+    if transpose_w:  # y = x w^T: dx = g w, dw = g^T x
+        dx, dw = mm(go, wo, ((1,), (0,))), mm(go, xo, ((0,), (0,)))
+    else:  # y = x w: dx = g w^T, dw = x^T g
+        dx, dw = mm(go, wo, ((1,), (1,))), mm(xo, go, ((0,), (0,)))
+    return dx.astype(x_dt.dtype), dw.astype(w_dt.dtype)
+
+
+_mixed_dot.defvjp(_mixed_dot_fwd, _mixed_dot_bwd)
 
 
 @struct.dataclass
@@ -193,7 +251,7 @@ class Attention(nnx.Module):
         `last_only`, keys and values cover all T positions (the cache needs them) but only the
         last position queries: the output is [B, 1, D]."""
         cfg = self.cfg
-        dt = cfg.dtype.jnp
+        dt, mm = cfg.dtype.jnp, cfg.matmul_dtype
         q_rope = rope
         if x_BTD.shape[1] == 1 and not last_only:
             q, k, v = self._qkv_one_matmul(x_BTD, dt)
@@ -201,11 +259,11 @@ class Attention(nnx.Module):
             if last_only:
                 q_rope = (rope[0][:, -1:], rope[1][:, -1:])
                 mask_BTS = mask_BTS[:, -1:]
-                q = project(x_BTD[:, -1:], self.q_DNH[...].astype(dt))
+                q = project(x_BTD[:, -1:], self.q_DNH[...].astype(dt), operand_dtype=mm)
             else:
-                q = project(x_BTD, self.q_DNH[...].astype(dt))
-            k = project(x_BTD, self.k_DKH[...].astype(dt))
-            v = project(x_BTD, self.v_DKH[...].astype(dt))
+                q = project(x_BTD, self.q_DNH[...].astype(dt), operand_dtype=mm)
+            k = project(x_BTD, self.k_DKH[...].astype(dt), operand_dtype=mm)
+            v = project(x_BTD, self.v_DKH[...].astype(dt), operand_dtype=mm)
         if cfg.qkv_bias:
             q = q + self.q_bias_NH[...].astype(dt)
             k = k + self.k_bias_KH[...].astype(dt)
@@ -246,7 +304,7 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("BKQS,BKSH->BKQH", probs, v)
         out = out.reshape(b, kv, t, r, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
-        y = project(out, self.o_NHD[...].astype(dt), n_in=2)
+        y = project(out, self.o_NHD[...].astype(dt), n_in=2, operand_dtype=mm)
         return y, cache
 
     def _qkv_one_matmul(self, x_BTD, dt):
@@ -264,7 +322,8 @@ class Attention(nnx.Module):
             [self.q_DNH[...].reshape(d, kv, r * h), self.k_DKH[...], self.v_DKH[...]], axis=2
         ).astype(dt)
         b, t = x_BTD.shape[:2]
-        y = project(x_BTD, w).reshape(b, t, kv, (r + 2) * h)
+        y = project(x_BTD, w, operand_dtype=self.cfg.matmul_dtype)
+        y = y.reshape(b, t, kv, (r + 2) * h)
         q = y[..., : r * h].reshape(b, t, n, h)
         return q, y[..., r * h : (r + 1) * h], y[..., (r + 1) * h :]
 
@@ -275,15 +334,16 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, f, pd = cfg.d_model, cfg.mlp_dim, cfg.param_dtype.jnp
         self.dtype = cfg.dtype.jnp
+        self.matmul_dtype = cfg.matmul_dtype
         self.gate_DF = _param(rngs, (d, f), ("D", "F"), d, pd)
         self.up_DF = _param(rngs, (d, f), ("D", "F"), d, pd)
         self.down_FD = _param(rngs, (f, d), ("F", "D"), f, pd)
 
     def __call__(self, x_BTD):
-        dt = self.dtype
-        gate = project(x_BTD, self.gate_DF[...].astype(dt))
-        up = project(x_BTD, self.up_DF[...].astype(dt))
-        return project(jax.nn.silu(gate) * up, self.down_FD[...].astype(dt))
+        dt, mm = self.dtype, self.matmul_dtype
+        gate = project(x_BTD, self.gate_DF[...].astype(dt), operand_dtype=mm)
+        up = project(x_BTD, self.up_DF[...].astype(dt), operand_dtype=mm)
+        return project(jax.nn.silu(gate) * up, self.down_FD[...].astype(dt), operand_dtype=mm)
 
 
 class Block(nnx.Module):
@@ -353,27 +413,32 @@ class Decoder(nnx.Module):
         return rope_tables(positions_BT, inv_freq)
 
     def head_DV(self) -> jax.Array:
-        """The output projection as [D, V] in the compute dtype: the untied head itself, or a
-        transposed copy of the tied embedding (V x D more memory while it lives).
+        """The output projection as [D, V] in the matmul dtype (`matmul_dtype`, else the compute
+        dtype): the untied head itself, or a transposed copy of the tied embedding (V x D more
+        memory while it lives).
 
         The sampler makes it once per call, outside its decode loop: a [32, 256] x [256, 4096]
         product ran 15% faster against [D, V] than against the [V, D] table transposed
         (measured, XLA:CPU)."""
+        dt = (self.cfg.matmul_dtype or self.cfg.dtype).jnp
         if self.cfg.tie_embeddings:
-            return self.embed_VD[...].T.astype(self.cfg.dtype.jnp)
-        return self.lm_head_DV[...].astype(self.cfg.dtype.jnp)
+            return self.embed_VD[...].T.astype(dt)
+        return self.lm_head_DV[...].astype(dt)
 
     def logits(self, hidden_BTD: jax.Array, head_DV: jax.Array | None = None) -> jax.Array:
         """Float32 logits [B, T, V] (or [..., V] for any leading shape). `head_DV`: the output
         projection from `head_DV()`, when the caller keeps one; otherwise read from the
         parameters."""
+        mm, f32 = self.cfg.matmul_dtype, jnp.float32
         if head_DV is None and self.cfg.tie_embeddings:
             w = gather_fsdp(self.embed_VD[...].astype(hidden_BTD.dtype), tensor_dim=0)
-            return project(hidden_BTD, w, transpose_w=True, preferred_element_type=jnp.float32)
+            return project(
+                hidden_BTD, w, transpose_w=True, operand_dtype=mm, preferred_element_type=f32
+            )
         if head_DV is None:
             head_DV = self.lm_head_DV[...]
-        w = gather_fsdp(head_DV.astype(hidden_BTD.dtype), tensor_dim=1)
-        return project(hidden_BTD, w, preferred_element_type=jnp.float32)
+        w = gather_fsdp(head_DV if mm else head_DV.astype(hidden_BTD.dtype), tensor_dim=1)
+        return project(hidden_BTD, w, operand_dtype=mm, preferred_element_type=f32)
 
     def forward(self, tokens_BT: jax.Array, segment_ids_BT: jax.Array | None = None) -> jax.Array:
         """Full-sequence logits [B, T, V] without a cache: causal within segments.

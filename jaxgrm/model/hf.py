@@ -98,13 +98,15 @@ def config_from_hf(
     *,
     param_dtype: DType | str | None = None,
     dtype: DType | str | None = None,
+    matmul_dtype: DType | str | None = None,
     name: str | None = None,
 ) -> ModelConfig:
     """A ModelConfig from a HF `config.json` dict.
 
     `param_dtype` defaults to the checkpoint's `dtype` (or legacy `torch_dtype`): bfloat16 stays
     bfloat16, float16 and anything else become float32 (lossless). `dtype` (compute) defaults to
-    `param_dtype`. `name` defaults to the `model_type`. Raises UnsupportedCheckpointError for
+    `param_dtype`; `matmul_dtype` (see ModelConfig) defaults to None, multiplying in `dtype`.
+    `name` defaults to the `model_type`. Raises UnsupportedCheckpointError for
     architectures or features the decoder does not implement.
     """
     arch = _architecture(config_json)
@@ -145,7 +147,8 @@ def config_from_hf(
         qkv_bias=arch == "Qwen2ForCausalLM", qk_norm=arch == "Qwen3ForCausalLM",
         tie_embeddings=bool(get("tie_word_embeddings", False)),
         max_seq_len=int(get("max_position_embeddings", 2048)), param_dtype=param_dtype,
-        dtype=DType(dtype or param_dtype), name=name or _MODEL_TYPES[arch],
+        dtype=DType(dtype or param_dtype), matmul_dtype=matmul_dtype,
+        name=name or _MODEL_TYPES[arch],
     )  # fmt: skip
 
 
@@ -412,6 +415,7 @@ def load_hf_checkpoint(
     rules: Rules = DEFAULT_RULES,
     param_dtype: DType | str | None = None,
     dtype: DType | str | None = None,
+    matmul_dtype: DType | str | None = None,
 ) -> Decoder:
     """Load a HF checkpoint directory into a Decoder; its config is `model.cfg`.
 
@@ -419,13 +423,15 @@ def load_hf_checkpoint(
     all problems are reported together in one CheckpointError. Each weight is then created in
     its sharding from `state_shardings(..., mesh, rules)` (or on the first device without a
     mesh), each device reading only its slice of the memory-mapped file, cast to `param_dtype`
-    (default: the checkpoint's dtype, see `config_from_hf`).
+    (default: the checkpoint's dtype, see `config_from_hf`). `dtype` and `matmul_dtype` set the
+    compute and matmul-operand dtypes (`ModelConfig`).
     """
     path = Path(path)
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path}: no config.json")
     config_json = json.loads((path / "config.json").read_text())
-    cfg = config_from_hf(config_json, param_dtype=param_dtype, dtype=dtype, name=path.name)
+    dtypes = dict(param_dtype=param_dtype, dtype=dtype, matmul_dtype=matmul_dtype)
+    cfg = config_from_hf(config_json, **dtypes, name=path.name)
     arch = _architecture(config_json)
     tensors, problems = _open_checkpoint(path)
     weights = _weights(cfg)
