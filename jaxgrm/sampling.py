@@ -75,18 +75,18 @@ class SamplingConfig:
 class SamplingState:
     """Decode-loop carry. B rows (prompts x G), S cache slots, M new tokens.
 
-    step: [] int32, tokens generated so far.   cache: per-layer LayerCache.
-    logits_BV: [B, V] float32 logits for the next token.   valid_BS: [B, S] bool attendable slots.
-    positions_B: [B] int32 position of the next token.   done_B: [B] bool, row has stopped.
-    tokens_BM: [B, M] int32.   logprobs_BM: [B, M] float32.   mask_BM: [B, M] bool.
-    key: PRNG key for the remaining steps.
-    The decode draws the last token without feeding it through the model, so the state it
-    returns has that token recorded but logits_BV, cache, valid_BS and positions_B from before.
+    step: [] int32, tokens drawn so far (the prefill draws the first).   cache: per-layer
+    LayerCache, holding every token before the last one drawn.   valid_BS: [B, S] bool
+    attendable slots.   positions_B: [B] int32 position of the last token drawn.
+    done_B: [B] bool, row has stopped.   tokens_BM: [B, M] int32.   logprobs_BM: [B, M] float32.
+    mask_BM: [B, M] bool.   key: PRNG key for the remaining draws.
+    Each decode iteration feeds the last token drawn through the model and draws the next from
+    its logits, so no [B, V] logits are carried between iterations, and the last token is never
+    fed through the model (nothing would read its output).
     """
 
     step: jax.Array
     cache: tuple[LayerCache, ...]
-    logits_BV: jax.Array
     valid_BS: jax.Array
     positions_B: jax.Array
     done_B: jax.Array
@@ -333,10 +333,9 @@ class Sampler:
         cache = init_cache(self.model_cfg, b, s)
         hidden, cache = model(tokens_BL, positions, mask_BLS, cache, 0, last_only=True)
         filler_B = ~mask_BL[:, -1]  # real rows always end in a prompt token
-        return SamplingState(
+        state = SamplingState(
             step=jnp.zeros((), jnp.int32),
             cache=cache,
-            logits_BV=model.logits(hidden[:, -1]),
             valid_BS=valid_BS,
             positions_B=mask_BL.sum(axis=1).astype(jnp.int32),
             done_B=filler_B,
@@ -345,62 +344,54 @@ class Sampler:
             mask_BM=jnp.zeros((b, m), bool),
             key=key,
         )
+        return self._emit(state, model.logits(hidden[:, -1]))
+
+    def _emit(self, st: SamplingState, logits_BV: jax.Array) -> SamplingState:
+        """Draw every live row's next token from `logits_BV` and record it at column st.step
+        (pad, log-prob 0 and mask False for rows that have stopped)."""
+        cfg = self.config
+        stop_ids = jnp.asarray(cfg.stop_ids or (-1,), jnp.int32)
+        key, sub = jax.random.split(st.key)
+        tok, logp = next_tokens(logits_BV, sub, cfg)
+        live = ~st.done_B
+        tok = jnp.where(live, tok, cfg.pad_id)
+        col = (0, st.step)
+        return st.replace(
+            step=st.step + 1,
+            done_B=st.done_B | (live & jnp.isin(tok, stop_ids)),
+            tokens_BM=jax.lax.dynamic_update_slice(st.tokens_BM, tok[:, None], col),
+            logprobs_BM=jax.lax.dynamic_update_slice(
+                st.logprobs_BM, jnp.where(live, logp, 0.0)[:, None], col
+            ),
+            mask_BM=jax.lax.dynamic_update_slice(st.mask_BM, live[:, None], col),
+            key=key,
+        )
 
     def _decode_impl(self, params, state: SamplingState) -> SamplingState:
         self.num_compiles += 1
         model = nnx.merge(self.graphdef, params)
-        cfg = self.config
-        m = cfg.max_new_tokens
+        m = self.config.max_new_tokens
         prompt_len = state.valid_BS.shape[1] - m
-        stop_ids = jnp.asarray(cfg.stop_ids or (-1,), jnp.int32)
         # RoPE tables for every cache position, built once outside the loop; each step gathers
         # its rows. Computing sin and cos inside the step let XLA fuse them into every head's
         # rotation, recomputed per element.
         cos_S11H, sin_S11H = model.rope(jnp.arange(state.valid_BS.shape[1])[:, None])
         head_DV = model.head_DV()  # loop-invariant: a tied table is transposed once per call
 
-        def emit(st: SamplingState, go) -> tuple[SamplingState, jax.Array, jax.Array]:
-            """Draw every live row's next token from st.logits_BV and record it (nothing is
-            recorded where `go` is False). Returns the state and the tokens and live rows."""
-            key, sub = jax.random.split(st.key)
-            tok, logp = next_tokens(st.logits_BV, sub, cfg)
-            live = ~st.done_B & go
-            tok = jnp.where(live, tok, cfg.pad_id)
-            col = (0, st.step)
-            st = st.replace(
-                step=st.step + jnp.asarray(go, jnp.int32),
-                done_B=st.done_B | (live & jnp.isin(tok, stop_ids)),
-                tokens_BM=jax.lax.dynamic_update_slice(st.tokens_BM, tok[:, None], col),
-                logprobs_BM=jax.lax.dynamic_update_slice(
-                    st.logprobs_BM, jnp.where(live, logp, 0.0)[:, None], col
-                ),
-                mask_BM=jax.lax.dynamic_update_slice(st.mask_BM, live[:, None], col),
-                key=key,
-            )
-            return st, tok, live
-
         def body(st: SamplingState) -> SamplingState:
-            new, tok, live = emit(st, True)
-            # Feed the new token: it occupies cache slot prompt_len + step.
-            slot = prompt_len + st.step
-            valid_BS = jax.lax.dynamic_update_slice(st.valid_BS, live[:, None], (0, slot))
+            # Feed the last token drawn (column step - 1): it occupies cache slot
+            # prompt_len + step - 1. Rows that had stopped feed padding, never attended to.
+            col = st.step - 1
+            tok = jax.lax.dynamic_slice_in_dim(st.tokens_BM, col, 1, axis=1)
+            live = jax.lax.dynamic_slice_in_dim(st.mask_BM, col, 1, axis=1)
+            slot = prompt_len + col
+            valid_BS = jax.lax.dynamic_update_slice(st.valid_BS, live, (0, slot))
             rope = (cos_S11H[st.positions_B], sin_S11H[st.positions_B])  # [B, 1, 1, H/2]
             hidden, cache = model(
-                tok[:, None],
-                st.positions_B[:, None],
-                valid_BS[:, None, :],
-                st.cache,
-                slot,
-                rope=rope,
+                tok, st.positions_B[:, None], valid_BS[:, None, :], st.cache, slot, rope=rope
             )
-            return new.replace(
-                cache=cache,
-                logits_BV=model.logits(hidden[:, 0], head_DV),
-                valid_BS=valid_BS,
-                positions_B=st.positions_B + 1,
-            )
+            st = st.replace(cache=cache, valid_BS=valid_BS, positions_B=st.positions_B + 1)
+            return self._emit(st, model.logits(hidden[:, 0], head_DV))
 
-        # The loop feeds the first m - 1 tokens through the model; the last one is drawn after
-        # it, without the forward pass nothing would read (1/m of the decode work).
-        state = jax.lax.while_loop(lambda st: (st.step < m - 1) & ~jnp.all(st.done_B), body, state)
-        return emit(state, (state.step < m) & ~jnp.all(state.done_B))[0]
+        # m - 1 forward passes at most: the last token drawn is never fed (1/m of the work).
+        return jax.lax.while_loop(lambda st: (st.step < m) & ~jnp.all(st.done_B), body, state)
