@@ -79,7 +79,8 @@ class SamplingState:
     LayerCache, holding every token before the last one drawn.   valid_BS: [B, S] bool
     attendable slots.   positions_B: [B] int32 position of the last token drawn.
     done_B: [B] bool, row has stopped.   tokens_BM: [B, M] int32.   logprobs_BM: [B, M] float32.
-    mask_BM: [B, M] bool.   key: PRNG key for the remaining draws.
+    mask_BM: [B, M] bool.   uniform_MB: [M, B] float32, the uniform in [0, 1) of each draw
+    (draw i's from fold_in(key, i), so a draw does not depend on M), all made by the prefill.
     Each decode iteration feeds the last token drawn through the model and draws the next from
     its logits, so no [B, V] logits are carried between iterations, and the last token is never
     fed through the model (nothing would read its output).
@@ -93,7 +94,7 @@ class SamplingState:
     tokens_BM: jax.Array
     logprobs_BM: jax.Array
     mask_BM: jax.Array
-    key: jax.Array
+    uniform_MB: jax.Array
 
 
 @struct.dataclass
@@ -194,11 +195,16 @@ def first_argmax(x_BV: jax.Array) -> jax.Array:
 
 
 def next_tokens(
-    logits_BV: jax.Array, key: jax.Array, cfg: SamplingConfig
+    logits_BV: jax.Array,
+    key: jax.Array | None,
+    cfg: SamplingConfig,
+    *,
+    uniform_B: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Next tokens [B] by the rule in `cfg`, and their log-probabilities [B] under the model
     itself (temperature 1, unfiltered). One max and, at temperature 1, one exp pass over the
-    logits serve both."""
+    logits serve both. `uniform_B` (one uniform in [0, 1) per row) replaces the draw from `key`
+    (see `sample_from_weights`)."""
     x = logits_BV.astype(jnp.float32)
     x_max = x.max(axis=-1, keepdims=True)
     e = jnp.exp(x - x_max)
@@ -207,7 +213,9 @@ def next_tokens(
         tok = first_argmax(x)
     else:
         weights = e if cfg.temperature == 1.0 else jnp.exp((x - x_max) / cfg.temperature)
-        tok = sample_from_weights(_filtered_weights(x, x_max, weights, cfg), key)
+        tok = sample_from_weights(
+            _filtered_weights(x, x_max, weights, cfg), key, uniform_B=uniform_B
+        )
     picked = jnp.take_along_axis(x, tok[:, None], axis=-1)[:, 0]
     return tok, picked - logz_B
 
@@ -217,18 +225,27 @@ def choose_tokens(logits_BV: jax.Array, key: jax.Array, cfg: SamplingConfig) -> 
     return next_tokens(logits_BV, key, cfg)[0]
 
 
-def sample_from_weights(weights_BV: jax.Array, key: jax.Array, block: int = 64) -> jax.Array:
+def sample_from_weights(
+    weights_BV: jax.Array,
+    key: jax.Array | None,
+    block: int = 64,
+    *,
+    uniform_B: jax.Array | None = None,
+) -> jax.Array:
     """One draw per row from unnormalised non-negative weights [B, V], by inverting the CDF.
 
     One uniform per row instead of B x V Gumbel noise, and a two-level search (pick a block of
-    `block` tokens by its mass, then a token inside it) instead of a V-long prefix sum.
+    `block` tokens by its mass, then a token inside it) instead of a V-long prefix sum. The
+    uniforms are `uniform_B` when given (the sampler makes all of a call's draws' at once),
+    else drawn from `key`.
     """
     b, v = weights_BV.shape
     pad = -v % block
     w = jnp.pad(weights_BV, ((0, 0), (0, pad))).reshape(b, -1, block)
     mass = w.sum(-1)  # [B, V / block]
     block_cdf = jnp.cumsum(mass, axis=-1)
-    u = jax.random.uniform(key, (b, 1)) * block_cdf[:, -1:]
+    u = jax.random.uniform(key, (b, 1)) if uniform_B is None else uniform_B[:, None]
+    u = u * block_cdf[:, -1:]
     blk = jnp.minimum((block_cdf <= u).sum(-1), block_cdf.shape[1] - 1)
     # Rounding in the sums can land on an empty block or a zero-weight token: fall back to the
     # heaviest block / token, which keeps every draw inside the filtered set.
@@ -342,7 +359,11 @@ class Sampler:
             tokens_BM=jnp.full((b, m), cfg.pad_id, jnp.int32),
             logprobs_BM=jnp.zeros((b, m), jnp.float32),
             mask_BM=jnp.zeros((b, m), bool),
-            key=key,
+            # One threefry call for every draw of the call, instead of a split and a draw per
+            # decode step (~75 us of a ~4 ms step at batch 32, by profile).
+            uniform_MB=jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i), (b,)))(
+                jnp.arange(m)
+            ),
         )
         return self._emit(state, model.logits(hidden[:, -1]))
 
@@ -351,8 +372,8 @@ class Sampler:
         (pad, log-prob 0 and mask False for rows that have stopped)."""
         cfg = self.config
         stop_ids = jnp.asarray(cfg.stop_ids or (-1,), jnp.int32)
-        key, sub = jax.random.split(st.key)
-        tok, logp = next_tokens(logits_BV, sub, cfg)
+        uniform_B = jax.lax.dynamic_index_in_dim(st.uniform_MB, st.step, keepdims=False)
+        tok, logp = next_tokens(logits_BV, None, cfg, uniform_B=uniform_B)
         live = ~st.done_B
         tok = jnp.where(live, tok, cfg.pad_id)
         col = (0, st.step)
@@ -364,7 +385,6 @@ class Sampler:
                 st.logprobs_BM, jnp.where(live, logp, 0.0)[:, None], col
             ),
             mask_BM=jax.lax.dynamic_update_slice(st.mask_BM, live[:, None], col),
-            key=key,
         )
 
     def _decode_impl(self, params, state: SamplingState) -> SamplingState:
