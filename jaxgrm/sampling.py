@@ -236,7 +236,7 @@ def sample_from_weights(
 
     One uniform per row instead of B x V Gumbel noise, and a two-level search (pick a block of
     `block` tokens by its mass, then a token inside it) instead of a V-long prefix sum. The
-    uniforms are `uniform_B` when given (the sampler makes all of a call's draws' at once),
+    uniforms are `uniform_B` when given (the sampler makes those of all its draws at once),
     else drawn from `key`.
     """
     b, v = weights_BV.shape

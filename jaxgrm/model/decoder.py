@@ -85,6 +85,8 @@ def project(
     od = None if operand_dtype is None else jnp.dtype(operand_dtype)
     if od is not None and (x.dtype != od or w.dtype != od):
         out_dtype = jnp.dtype(kw.pop("preferred_element_type", None) or x.dtype)
+        if kw:
+            raise TypeError(f"project with operand_dtype takes no other matmul options: {kw}")
         y = _mixed_dot(transpose_w, od, out_dtype, x2, w2)
     else:
         y = _dot(x2, w2, transpose_w, **kw)
