@@ -244,6 +244,8 @@ def sample_from_weights(
     w = jnp.pad(weights_BV, ((0, 0), (0, pad))).reshape(b, -1, block)
     mass = w.sum(-1)  # [B, V / block]
     block_cdf = jnp.cumsum(mass, axis=-1)
+    if key is None and uniform_B is None:
+        raise ValueError("sample_from_weights needs a PRNG key or uniform_B")
     u = jax.random.uniform(key, (b, 1)) if uniform_B is None else uniform_B[:, None]
     u = u * block_cdf[:, -1:]
     blk = jnp.minimum((block_cdf <= u).sum(-1), block_cdf.shape[1] - 1)

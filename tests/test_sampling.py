@@ -14,6 +14,7 @@ from jaxgrm.sampling import (
     first_argmax,
     gather_logprobs,
     next_tokens,
+    sample_from_weights,
     sampling_weights,
 )
 
@@ -227,3 +228,16 @@ def test_bf16_matmul_logprobs_match_teacher_forced(model, params, forward):
     lp32, _ = teacher_forced(forward, params, out)
     diff32 = np.abs(np.asarray(lp32) - np.asarray(out.logprobs_BM))[mask]
     assert diff32.max() < 5e-2 and np.median(diff32) > 1e-4
+
+
+def test_sample_from_weights_takes_given_uniforms_and_needs_a_source():
+    w = jnp.array([[1.0, 1.0, 2.0], [0.0, 3.0, 1.0]])
+    # u * total mass falls in the CDF step of: row 0 at 0.2 * 4 -> token 0, 0.9 * 4 -> token 2.
+    np.testing.assert_array_equal(
+        sample_from_weights(w, None, uniform_B=jnp.array([0.2, 0.9])), [0, 2]
+    )
+    np.testing.assert_array_equal(
+        sample_from_weights(w, None, uniform_B=jnp.array([0.9, 0.1])), [2, 1]
+    )
+    with pytest.raises(ValueError, match="PRNG key or uniform_B"):
+        sample_from_weights(w, None)
